@@ -1,0 +1,53 @@
+"""One call to restore one image: validate, build the task's problem, fit."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .errors import DipInputError
+from .fit import Callback, FitConfig, FitResult, StepHook, fit
+from .tasks import build_problem
+
+MAX_ITERATIONS = 1_000_000
+
+
+def restore(
+    task: str,
+    observation: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    guide: torch.Tensor | None = None,
+    scale: int | None = None,
+    reference: torch.Tensor | None = None,
+    iterations: int | None = None,
+    seed: int = 0,
+    params: dict | None = None,
+    device: str | torch.device | None = None,
+    feature_net: nn.Module | None = None,
+    callbacks: Sequence[Callback] = (),
+    sync_every: int = 50,
+    step_hook: StepHook | None = None,
+) -> FitResult:
+    """Restore one image with Deep Image Prior.
+
+    ``observation`` is the degraded image, (C, H, W) in [0, 1] with C = 1 or 3; ``mask``
+    (H, W), non-zero = known pixel; ``guide`` the flash image; ``scale`` the SR factor;
+    ``reference`` the clean target, used only for PSNR. Raises DipInputError on bad input.
+    """
+    if iterations is not None and (
+        isinstance(iterations, bool)
+        or not isinstance(iterations, int)
+        or not 0 <= iterations <= MAX_ITERATIONS
+    ):
+        raise DipInputError(f"iterations must be an integer in [0, {MAX_ITERATIONS}]")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise DipInputError(f"seed must be an integer, got {seed!r}")
+    problem = build_problem(
+        task, observation, mask=mask, guide=guide, scale=scale, reference=reference,
+        params=params, feature_net=feature_net,
+    )  # fmt: skip
+    config = FitConfig.from_preset(problem.preset, iterations, seed, sync_every=max(1, sync_every))
+    return fit(problem, config, device=device, callbacks=callbacks, step_hook=step_hook)

@@ -1,0 +1,94 @@
+"""Forward operators A(x): what the degradation does to a clean image.
+
+Each is a small module whose parameters are buffers, so ``.to(device)`` moves them.
+All take and return (N, C, H, W) tensors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+DOWNSAMPLERS = ("lanczos2", "lanczos3", "box")
+
+
+class Identity(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def resampling_kernel(factor: int, kind: str) -> torch.Tensor:
+    """1-D downsampling taps, normalised to sum 1.
+
+    ``lanczos2`` is the reference code's kernel (support 2, 4*factor - 1 taps, phase 0.5);
+    ``lanczos3`` widens it to support 3 (closer to Pillow's LANCZOS); ``box`` averages.
+    """
+    if kind == "box":
+        return torch.full((factor,), 1.0 / factor, dtype=torch.float64)
+    if kind not in DOWNSAMPLERS:
+        raise ValueError(f"unknown downsampler {kind!r}; choose from {DOWNSAMPLERS}")
+    support = 2 if kind == "lanczos2" else 3
+    offsets = torch.arange(-(support * factor - 1), support * factor, dtype=torch.float64)
+    d = offsets / factor
+    safe = torch.where(d == 0, torch.ones_like(d), d)
+    taps = support * torch.sin(math.pi * safe) * torch.sin(math.pi * safe / support)
+    taps = torch.where(d == 0, torch.ones_like(d), taps / (math.pi**2 * safe**2))
+    return taps / taps.sum()
+
+
+def downsampling_matrix(size: int, factor: int, kind: str) -> torch.Tensor:
+    """(size // factor, size) matrix of a strided 1-D convolution with replicate padding.
+
+    Written as a matrix because ``D_h @ img @ D_w.T`` costs a fraction of a grouped
+    convolution with a 4*factor-wide kernel (forward and backward).
+    """
+    taps = resampling_kernel(factor, kind)
+    pad = (len(taps) - 1) // 2 if len(taps) % 2 else (len(taps) - factor) // 2
+    matrix = torch.zeros(size // factor, size, dtype=torch.float64)
+    for row in range(size // factor):
+        for t, weight in enumerate(taps.tolist()):
+            column = min(max(row * factor + t - pad, 0), size - 1)
+            matrix[row, column] += weight
+    return matrix
+
+
+class Downsampler(nn.Module):
+    """Separable downsampling by an integer factor (super-resolution's degradation)."""
+
+    def __init__(self, height: int, width: int, factor: int, kind: str = "lanczos2") -> None:
+        super().__init__()
+        if height % factor or width % factor:
+            raise ValueError(f"size {height}x{width} is not a multiple of factor {factor}")
+        self.factor, self.kind = factor, kind
+        self.register_buffer("rows", downsampling_matrix(height, factor, kind).float())
+        self.register_buffer("cols", downsampling_matrix(width, factor, kind).float().T)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rows @ x @ self.cols
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class FeatureMap(nn.Module):
+    """Phi(x): a frozen feature network applied to an ImageNet-normalised RGB image."""
+
+    def __init__(self, features: nn.Module) -> None:
+        super().__init__()
+        self.features = features.eval().requires_grad_(False)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+
+    def train(self, mode: bool = True) -> FeatureMap:
+        # The feature network's BatchNorm must stay in eval mode whatever the caller does.
+        super().train(mode)
+        self.features.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        return self.features((x - self.mean) / self.std)

@@ -1,0 +1,132 @@
+"""Image decoding and PNG encoding: bytes in, numpy out, and back.
+
+Pillow handles every 8-bit format and 16-bit greyscale, but it silently reduces 16-bit RGB(A)
+PNGs to 8 bits and cannot write them at all, so 16-bit PNGs go through pypng (a small
+pure-Python codec) both ways. Alpha is split off on read and handed back unchanged on write:
+the method restores colour, never transparency.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import png
+from PIL import Image, UnidentifiedImageError
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not an image we can read."""
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """Pixels as float32 in [0, 1], channels first, plus what is needed to write them back."""
+
+    pixels: np.ndarray  # (C, H, W), C = 1 or 3
+    alpha: np.ndarray | None  # (H, W) in [0, 1], or None
+    bit_depth: int  # 8 or 16
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height), as Pillow reports sizes."""
+        return self.pixels.shape[2], self.pixels.shape[1]
+
+
+def png_bit_depth(data: bytes) -> int | None:
+    """Bit depth from a PNG's IHDR chunk (byte 24), or None when `data` is not a PNG."""
+    if len(data) > 25 and data.startswith(PNG_SIGNATURE) and data[12:16] == b"IHDR":
+        return data[24]
+    return None
+
+
+def image_size(head: bytes) -> tuple[int, int]:
+    """(width, height) from the first bytes of a file; reads the header only."""
+    try:
+        with Image.open(io.BytesIO(head)) as image:
+            return image.size
+    except UnidentifiedImageError:
+        raise ImageDecodeError("not a readable image (unknown format or corrupt file)") from None
+    except (OSError, SyntaxError) as error:
+        raise ImageDecodeError(f"not a readable image ({error})") from None
+
+
+def decode_image(data: bytes) -> DecodedImage:
+    if png_bit_depth(data) == 16:
+        return _decode_png16(data)
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return _from_pillow(image)
+    except UnidentifiedImageError:
+        raise ImageDecodeError("not a readable image (unknown format or corrupt file)") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ImageDecodeError(f"not a readable image ({error})") from None
+
+
+def _from_pillow(image: Image.Image) -> DecodedImage:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit greyscale (TIFF, some PNGs)
+        grey = np.asarray(image, dtype=np.float64).clip(0, 65535) / 65535.0
+        return DecodedImage(grey[None].astype(np.float32), None, 16)
+    has_alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+    grey = image.mode in ("1", "L", "LA", "I;16", "F")
+    target = ("LA" if grey else "RGBA") if has_alpha else ("L" if grey else "RGB")
+    array = np.asarray(image.convert(target), dtype=np.float32) / 255.0
+    return _split(array, has_alpha, 8)
+
+
+def _decode_png16(data: bytes) -> DecodedImage:
+    try:
+        width, height, rows, info = png.Reader(bytes=data).asDirect()
+        flat = np.vstack([np.asarray(row, dtype=np.uint16) for row in rows])
+    except (png.Error, ValueError) as error:
+        raise ImageDecodeError(f"not a readable 16-bit PNG ({error})") from None
+    planes = info["planes"]
+    array = flat.reshape(height, width, planes).astype(np.float32) / 65535.0
+    return _split(array, info["alpha"], 16)
+
+
+def _split(array: np.ndarray, has_alpha: bool, bit_depth: int) -> DecodedImage:
+    """(H, W[, C]) -> channels-first colour plus a separate alpha plane."""
+    if array.ndim == 2:
+        array = array[:, :, None]
+    alpha = array[:, :, -1].copy() if has_alpha else None
+    colour = array[:, :, :-1] if has_alpha else array
+    return DecodedImage(np.ascontiguousarray(colour.transpose(2, 0, 1)), alpha, bit_depth)
+
+
+def resize_plane(plane: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize an alpha plane to (width, height) so it can follow a super-resolved image."""
+    image = Image.fromarray(np.ascontiguousarray(plane, dtype=np.float32))
+    resized = image.resize(size, Image.Resampling.BICUBIC)
+    return np.asarray(resized, dtype=np.float32).clip(0.0, 1.0)
+
+
+def encode_png(pixels: np.ndarray, alpha: np.ndarray | None = None, bit_depth: int = 8) -> bytes:
+    """(C, H, W) floats in [0, 1] (+ optional (H, W) alpha) -> PNG bytes, 8 or 16 bits."""
+    if pixels.ndim != 3 or pixels.shape[0] not in (1, 3):
+        raise ValueError(f"expected (1|3, H, W) pixels, got shape {pixels.shape}")
+    planes = [pixels[c] for c in range(pixels.shape[0])]
+    if alpha is not None:
+        planes.append(alpha)
+    stacked = np.stack(planes, axis=-1).clip(0.0, 1.0)
+    if bit_depth == 16:
+        return _encode_png16(stacked, has_alpha=alpha is not None)
+    array = np.rint(stacked * 255.0).astype(np.uint8)
+    buffer = io.BytesIO()  # Pillow infers L / LA / RGB / RGBA from the array's shape
+    Image.fromarray(array[:, :, 0] if array.shape[-1] == 1 else array).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _encode_png16(stacked: np.ndarray, has_alpha: bool) -> bytes:
+    height, width, planes = stacked.shape
+    rows = np.rint(stacked * 65535.0).astype(np.uint16).reshape(height, width * planes)
+    writer = png.Writer(
+        width, height, greyscale=planes <= 2, alpha=has_alpha, bitdepth=16, compression=6
+    )
+    buffer = io.BytesIO()
+    writer.write(buffer, rows.tolist())
+    return buffer.getvalue()

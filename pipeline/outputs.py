@@ -1,0 +1,205 @@
+"""What a run writes under OUT, and how a rerun reads it back.
+
+Layout::
+
+    OUT/images/<shard>/<id>.png      shard = first two hex digits of sha256(id): 256 folders
+    OUT/results/part-<run>-<n>.parquet   RESULT_SCHEMA, one row per finished job
+    OUT/traces/part-<run>-<n>.parquet    TRACE_SCHEMA, one row per recorded step (ok jobs)
+    OUT/run.json
+
+Shards are immutable and written atomically. A results shard is the commit record of its jobs:
+its traces shard (same name) is written first, so a crash between the two leaves an orphan
+trace shard that the next run deletes, and never a trace without its result row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.storage import Storage, join
+
+RESULT_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string()),
+        pa.field("task", pa.string()),
+        pa.field("status", pa.string()),
+        pa.field("error", pa.string()),
+        pa.field("output", pa.string()),
+        pa.field("iterations", pa.int32()),
+        pa.field("energy", pa.float64()),
+        pa.field("psnr", pa.float64()),
+        pa.field("seconds", pa.float64()),
+        pa.field("seed", pa.int64()),
+        pa.field("device", pa.string()),
+        pa.field("attempts", pa.int32()),
+        # Beyond the contract: how the fit stopped and where it ran.
+        pa.field("stopped_at", pa.int32()),
+        pa.field("stop_reason", pa.string()),
+        pa.field("worker", pa.string()),
+        pa.field("node", pa.string()),
+        pa.field("finished_at", pa.timestamp("ms", tz="UTC")),
+    ]
+)
+TRACE_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string()),
+        pa.field("step", pa.int32()),
+        pa.field("energy", pa.float64()),
+        pa.field("psnr", pa.float64()),
+    ]
+)
+STATUS_OK = "ok"
+STATUS_FAILED = "failed"
+
+
+def shard_of(job_id: str) -> str:
+    return hashlib.sha256(job_id.encode()).hexdigest()[:2]
+
+
+def image_uri(out: str, job_id: str) -> str:
+    return join(out, "images", shard_of(job_id), f"{job_id}.png")
+
+
+@dataclass
+class JobOutcome:
+    """What a worker sends back for one job: its result row and its trace (ok jobs only)."""
+
+    row: dict[str, Any]
+    trace: dict[str, list] = field(default_factory=lambda: {"step": [], "energy": [], "psnr": []})
+
+    @property
+    def ok(self) -> bool:
+        return self.row["status"] == STATUS_OK
+
+
+class ShardWriter:
+    """Buffers outcomes and writes them as immutable shards every `flush_rows` jobs or
+    `flush_seconds`, so a crash loses at most one buffer while a million jobs do not make a
+    million files."""
+
+    def __init__(
+        self, storage: Storage, out: str, flush_rows: int = 64, flush_seconds: float = 10.0
+    ) -> None:
+        self.storage, self.out = storage, out
+        self.flush_rows, self.flush_seconds = flush_rows, flush_seconds
+        self.run_tag = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+        self._rows: list[dict[str, Any]] = []
+        self._traces: list[dict[str, list]] = []
+        self._count = 0
+        self._last_flush = time.monotonic()
+
+    def add(self, outcome: JobOutcome) -> None:
+        row = dict(outcome.row)
+        row.setdefault("finished_at", datetime.now(timezone.utc))
+        self._rows.append(row)
+        self._traces.append({"id": [row["id"]] * len(outcome.trace["step"]), **outcome.trace})
+        if len(self._rows) >= self.flush_rows or self._due():
+            self.flush()
+
+    def _due(self) -> bool:
+        return time.monotonic() - self._last_flush >= self.flush_seconds
+
+    def tick(self) -> None:
+        """Called while waiting, so a slow run still flushes on time."""
+        if self._rows and self._due():
+            self.flush()
+
+    def flush(self) -> None:
+        self._last_flush = time.monotonic()
+        if not self._rows:
+            return
+        name = f"part-{self.run_tag}-{self._count:05d}.parquet"
+        traces = {key: [v for t in self._traces for v in t[key]] for key in TRACE_SCHEMA.names}
+        self.storage.write_parquet(
+            join(self.out, "traces", name), pa.table(traces, schema=TRACE_SCHEMA)
+        )
+        results = pa.Table.from_pylist(self._rows, schema=RESULT_SCHEMA)
+        self.storage.write_parquet(join(self.out, "results", name), results)
+        self._rows, self._traces = [], []
+        self._count += 1
+
+
+@dataclass(frozen=True)
+class PriorResults:
+    """Ids that earlier runs finished, as Arrow arrays (cheap for a million rows)."""
+
+    ok: pa.Array
+    failed: pa.Array
+
+    def finished_mask(self, ids: pa.Array, retry_failed: bool) -> pa.Array:
+        done = pc.is_in(ids, value_set=self.ok)
+        if retry_failed:
+            return done
+        return pc.or_(done, pc.is_in(ids, value_set=self.failed))
+
+
+def result_shards(storage: Storage, out: str) -> list[str]:
+    return storage.list_files(join(out, "results"), ".parquet")
+
+
+def read_prior(storage: Storage, out: str) -> PriorResults:
+    tables = [storage.read_parquet(u, ["id", "status"]) for u in result_shards(storage, out)]
+    if not tables:
+        empty = pa.array([], pa.string())
+        return PriorResults(empty, empty)
+    table = pa.concat_tables(tables)
+    ok_mask = pc.equal(table.column("status"), STATUS_OK)
+    ok = pc.unique(pc.filter(table.column("id"), ok_mask).combine_chunks())
+    failed = pc.unique(pc.filter(table.column("id"), pc.invert(ok_mask)).combine_chunks())
+    return PriorResults(ok, failed)
+
+
+def remove_orphan_traces(storage: Storage, out: str) -> int:
+    """Delete trace shards whose results shard was never written (a crash between the two)."""
+    committed = {uri.rsplit("/", 1)[-1] for uri in result_shards(storage, out)}
+    orphans = [
+        uri
+        for uri in storage.list_files(join(out, "traces"), ".parquet")
+        if uri.rsplit("/", 1)[-1] not in committed
+    ]
+    for uri in orphans:
+        storage.remove(uri)
+    return len(orphans)
+
+
+def drop_failed_rows(storage: Storage, out: str, ids: Iterable[str] | pa.Array) -> int:
+    """Rewrite, atomically, each results shard holding failed rows of `ids` without them.
+
+    Done before those jobs run again, so a crash at any point leaves at most one row per id
+    (the job is simply pending again)."""
+    value_set = ids if isinstance(ids, pa.Array) else pa.array(list(ids), pa.string())
+    dropped = 0
+    for uri in result_shards(storage, out):
+        table = storage.read_parquet(uri)
+        drop = pc.and_(
+            pc.is_in(table.column("id"), value_set=value_set),
+            pc.not_equal(table.column("status"), STATUS_OK),
+        )
+        count = pc.sum(drop).as_py() or 0
+        if count:
+            storage.write_parquet(uri, table.filter(pc.invert(drop)))
+            dropped += count
+    return dropped
+
+
+def read_results(storage: Storage, out: str) -> pa.Table:
+    shards = result_shards(storage, out)
+    if not shards:
+        return RESULT_SCHEMA.empty_table()
+    return pa.concat_tables([storage.read_parquet(uri) for uri in shards], promote_options="default")
+
+
+def read_traces(storage: Storage, out: str) -> pa.Table:
+    shards = storage.list_files(join(out, "traces"), ".parquet")
+    if not shards:
+        return TRACE_SCHEMA.empty_table()
+    return pa.concat_tables([storage.read_parquet(uri) for uri in shards])

@@ -1,0 +1,206 @@
+"""Feeding jobs to long-lived Ray actors, one per GPU (or per CPU slot), with recovery.
+
+Why this design and not a ready-made one:
+- ``ray.util.ActorPool`` re-raises an actor's death and stops the whole run, and Ray Data's
+  ``map_batches`` puts a small manifest into one block (one actor does all the work). We need
+  per-job failure isolation and recovery from a dead worker, so the driver drives the actors
+  itself with plain public Ray calls (``ray.wait`` / ``ray.get`` / ``ray.kill``).
+- Each actor holds at most one job (bounded in flight: ``workers`` jobs). When it answers, the
+  next job is pulled from a lazy iterator over the manifest: the driver never holds more than
+  one Parquet batch of rows, and the next job starts within one round trip (milliseconds,
+  against fits of seconds to minutes).
+- A job's own errors come back as a ``failed`` row from the worker (see worker.py); only a dead
+  process surfaces here, as ``RayActorError``. Because an actor runs one job at a time we know
+  exactly which job it was running: the actor is replaced and that job retried, up to
+  ``max_attempts`` in all (the ``attempts`` column), then recorded as failed.
+- Actors also answer ``progress()`` from a separate concurrency group while they fit, so the
+  bar shows live steps per second without interrupting the job.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from pipeline.manifest import Job
+from pipeline.outputs import JobOutcome
+from pipeline.worker import FAULT_KILL_JOB, FAULT_MARKER, Fitter, WorkerConfig, failed_outcome
+
+log = logging.getLogger("dippipe")
+PROGRESS_POLL_SECONDS = 1.0
+DEATH_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError)
+
+
+class WorkersKeepDying(RuntimeError):
+    """Workers die before finishing anything: the run is stopped rather than spinning."""
+
+
+@ray.remote(max_restarts=0, concurrency_groups={"status": 1})
+class FitActor:
+    """A Fitter in its own process: one job at a time; `progress` answers while it fits."""
+
+    def __init__(self, config: WorkerConfig, name: str) -> None:
+        node = ray.util.get_node_ip_address()
+        self.info = {"worker": name, "node": node, "pid": os.getpid(), "gpus": ray.get_gpu_ids()}
+        self.fitter = Fitter(config, worker=name, node=node)
+
+    def run(self, job: Job, attempt: int) -> JobOutcome:
+        return self.fitter.run(job, attempt)
+
+    @ray.method(concurrency_group="status")
+    def describe(self) -> dict[str, Any]:
+        return self.info
+
+    @ray.method(concurrency_group="status")
+    def progress(self) -> dict[str, Any]:
+        return self.fitter.progress
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    workers: int
+    gpus_per_worker: int  # 1 (GPU workers) or 0 (CPU workers)
+    cpus_per_worker: float
+
+
+@dataclass
+class Slot:
+    name: str
+    actor: Any
+    job: Job | None = None
+    attempt: int = 0
+    ref: Any = None
+    live_step: int = 0
+
+
+@dataclass
+class Scheduler:
+    pool: PoolSpec
+    worker_config: WorkerConfig
+    on_outcome: Callable[[JobOutcome], None]
+    on_tick: Callable[[int, int], None]  # (running jobs, live steps)
+    max_attempts: int = 3
+    slots: list[Slot] = field(default_factory=list)
+    retry: deque = field(default_factory=deque)
+    deaths: int = 0
+    _deaths_in_a_row: int = 0
+    _polls: dict = field(default_factory=dict)
+    _last_poll: float = 0.0
+
+    def start(self) -> list[dict[str, Any]]:
+        self.slots = [self._new_slot(f"worker-{i}") for i in range(self.pool.workers)]
+        infos = ray.get([slot.actor.describe.remote() for slot in self.slots])
+        for info in infos:
+            log.info("%s ready on node %s (pid %s, gpus %s)", *info.values())
+        return infos
+
+    def _new_slot(self, name: str) -> Slot:
+        options: dict[str, Any] = {
+            "num_gpus": self.pool.gpus_per_worker,
+            "num_cpus": self.pool.cpus_per_worker,
+            "name": None,
+        }
+        fault_env = {k: os.environ[k] for k in (FAULT_KILL_JOB, FAULT_MARKER) if k in os.environ}
+        if fault_env:  # test-only hook; reaches workers of a running cluster too
+            options["runtime_env"] = {"env_vars": fault_env}
+        return Slot(name, FitActor.options(**options).remote(self.worker_config, name))
+
+    def stop(self) -> None:
+        for slot in self.slots:
+            ray.kill(slot.actor, no_restart=True)
+
+    def running(self) -> int:
+        return sum(slot.job is not None for slot in self.slots)
+
+    def run(self, jobs: Iterator[Job]) -> None:
+        """Feed every job to a free actor until all have an outcome."""
+        exhausted = False
+        while True:
+            exhausted = self._fill(jobs, exhausted)
+            busy = {slot.ref: slot for slot in self.slots if slot.job is not None}
+            if not busy:
+                return
+            ready, rest = ray.wait(list(busy), num_returns=1, timeout=0.5)
+            if ready and rest:  # collect everything else that is already done
+                more, _ = ray.wait(rest, num_returns=len(rest), timeout=0)
+                ready += more
+            for ref in ready:
+                self._collect(busy[ref])
+            self._poll_progress()
+
+    def _fill(self, jobs: Iterator[Job], exhausted: bool) -> bool:
+        for slot in self.slots:
+            if slot.job is not None:
+                continue
+            if self.retry:
+                job, attempt = self.retry.popleft()
+            elif not exhausted:
+                job, attempt = next(jobs, None), 1
+                if job is None:
+                    exhausted = True
+                    continue
+            else:
+                continue
+            self._submit(slot, job, attempt)
+        return exhausted
+
+    def _submit(self, slot: Slot, job: Job, attempt: int) -> None:
+        slot.job, slot.attempt, slot.live_step = job, attempt, 0
+        slot.ref = slot.actor.run.remote(job, attempt)
+        log.info("job %s (%s) -> %s, attempt %d", job.id, job.task, slot.name, attempt)
+
+    def _collect(self, slot: Slot) -> None:
+        job, attempt, ref = slot.job, slot.attempt, slot.ref
+        slot.job, slot.ref = None, None
+        try:
+            outcome = ray.get(ref, timeout=0)
+        except DEATH_ERRORS as error:
+            outcome = self._worker_died(slot, job, attempt, error)
+        except ray.exceptions.RayError as error:  # e.g. an input that cannot be pickled
+            outcome = failed_outcome(job, f"{type(error).__name__}: {error}", attempt, slot.name)
+        if outcome is not None:
+            self._deaths_in_a_row = 0
+            self.on_outcome(outcome)
+
+    def _worker_died(self, slot: Slot, job: Job, attempt: int, error: Exception):
+        self.deaths += 1
+        self._deaths_in_a_row += 1
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        log.warning("%s died running job %s (attempt %d): %s", slot.name, job.id, attempt, reason)
+        if self._deaths_in_a_row > 2 * self.pool.workers + self.max_attempts:
+            raise WorkersKeepDying(f"workers keep dying without finishing a job: {reason}")
+        ray.kill(slot.actor, no_restart=True)
+        slot.actor = self._new_slot(slot.name).actor
+        if attempt < self.max_attempts:
+            self.retry.append((job, attempt + 1))
+            return None
+        message = f"the worker process died {attempt} times while running this job ({reason})"
+        return failed_outcome(job, message, attempt, slot.name)
+
+    def _poll_progress(self) -> None:
+        """Gather answers to earlier progress polls without waiting; send new ones each second."""
+        if self._polls:
+            done, _ = ray.wait(list(self._polls), num_returns=len(self._polls), timeout=0)
+            for ref in done:
+                slot, job_id = self._polls.pop(ref)
+                try:
+                    state = ray.get(ref, timeout=0)
+                except ray.exceptions.RayError:
+                    continue  # a dead actor: its job's own reference reports it
+                if slot.job is not None and state.get("id") == job_id:
+                    slot.live_step = int(state.get("step") or 0)
+        now = time.monotonic()
+        if now - self._last_poll >= PROGRESS_POLL_SECONDS:
+            self._last_poll = now
+            polled = {slot.name for slot, _ in self._polls.values()}
+            for slot in self.slots:
+                if slot.job is not None and slot.name not in polled:
+                    self._polls[slot.actor.progress.remote()] = (slot, slot.job.id)
+        self.on_tick(self.running(), sum(s.live_step for s in self.slots if s.job is not None))

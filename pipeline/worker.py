@@ -1,0 +1,243 @@
+"""One job in, one result out: load the inputs, call ``dip_core.restore``, write the PNG.
+
+No Ray here, so a :class:`Fitter` runs and tests in-process; ``runner.py`` wraps it in an actor.
+Every exception raised by one job becomes that job's ``failed`` row with a message for users;
+only the death of the whole process (killed, segfault) escapes, and the runner handles that.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from dip_core import DipInputError, FitProgress, restore
+from pipeline.images import DecodedImage, ImageDecodeError, decode_image, encode_png, resize_plane
+from pipeline.manifest import Job, job_problems
+from pipeline.outputs import STATUS_FAILED, STATUS_OK, JobOutcome, image_uri
+from pipeline.storage import Storage, StorageOptions
+
+# Test-only fault hook: kill this process once, mid-fit, when it runs the named job.
+FAULT_KILL_JOB = "DIPPIPE_FAULT_KILL_JOB"
+FAULT_MARKER = "DIPPIPE_FAULT_MARKER"
+
+
+class JobInputError(ValueError):
+    """An input file of one job is missing, unreadable or of the wrong size."""
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    out: str
+    storage: StorageOptions = field(default_factory=StorageOptions)
+    device: str | None = None  # None: CUDA when this process sees a GPU, else CPU
+    threads: int = 1  # torch CPU threads; 1 keeps small shared machines steady
+    sync_every: int = 50  # steps between progress reports (each one syncs the GPU)
+    fake_fit_seconds: float | None = None  # benchmark only: sleep instead of fitting
+
+
+@dataclass(frozen=True)
+class JobInputs:
+    observation: DecodedImage
+    mask: np.ndarray | None = None
+    guide: np.ndarray | None = None
+    reference: np.ndarray | None = None
+
+
+class Fitter:
+    """A long-lived fitting worker: holds storage clients and the feature net between jobs."""
+
+    def __init__(self, config: WorkerConfig, worker: str = "local", node: str | None = None):
+        self.config = config
+        self.worker, self.node = worker, node or socket.gethostname()
+        self.storage = Storage(config.storage)
+        self._feature_net: torch.nn.Module | None = None
+        self.progress: dict[str, Any] = {}
+        torch.set_num_threads(max(1, config.threads))
+
+    def run(self, job: Job, attempt: int = 1) -> JobOutcome:
+        started = time.perf_counter()
+        self.progress = {"id": job.id, "step": 0, "iterations": job.iterations, "energy": None}
+        try:
+            outcome = self._run(job)
+        except Exception as error:  # one job's problem must never stop the worker
+            outcome = JobOutcome(_failed_row(job, describe_error(error)))
+        finally:
+            self.progress = {}
+        outcome.row.update(
+            seconds=time.perf_counter() - started, attempts=attempt, worker=self.worker
+        )
+        outcome.row["node"] = self.node
+        return outcome
+
+    def _run(self, job: Job) -> JobOutcome:
+        problems = job_problems(job)
+        if problems:
+            raise DipInputError("; ".join(problems))
+        inputs = self.load_inputs(job)
+        if self.config.fake_fit_seconds is not None:
+            return self._fake(job, inputs)
+        result = restore(
+            job.task,
+            torch.from_numpy(inputs.observation.pixels),
+            mask=_tensor(inputs.mask),
+            guide=_tensor(inputs.guide),
+            scale=job.scale,
+            reference=_tensor(inputs.reference),
+            iterations=job.iterations,
+            seed=job.seed,
+            params=job.parsed_params(),
+            device=self.config.device,
+            feature_net=self._feature_net_for(job.task),
+            callbacks=[lambda p: self._on_progress(job.id, p)],
+            sync_every=self.config.sync_every,
+        )
+        output = self.write_output(job, result.image.numpy(), inputs.observation)
+        row = _ok_row(job, output, result.iterations, result.energy, result.psnr, result.device)
+        row.update(stopped_at=result.stopped_at, stop_reason=result.stop_reason)
+        psnrs = result.psnrs.tolist() if result.psnrs is not None else None
+        trace = {
+            "step": result.steps.tolist(),
+            "energy": result.energies.tolist(),
+            "psnr": psnrs or [None] * len(result.steps),
+        }
+        return JobOutcome(row, trace)
+
+    def _on_progress(self, job_id: str, progress: FitProgress) -> bool:
+        self.progress = {
+            "id": job_id,
+            "step": progress.step,
+            "iterations": progress.iterations,
+            "energy": progress.energy,
+        }
+        _maybe_die(job_id)
+        return False
+
+    def _fake(self, job: Job, inputs: JobInputs) -> JobOutcome:
+        """Benchmark mode: a job of known cost that still reads inputs and writes outputs."""
+        time.sleep(self.config.fake_fit_seconds or 0.0)
+        _maybe_die(job.id)
+        output = self.write_output(job, inputs.observation.pixels, inputs.observation)
+        row = _ok_row(job, output, 0, 0.0, None, "fake")
+        return JobOutcome(row, {"step": [0], "energy": [0.0], "psnr": [None]})
+
+    def _feature_net_for(self, task: str) -> torch.nn.Module | None:
+        if task != "preimage":
+            return None
+        if self._feature_net is None:
+            from pipeline.feature_weights import load_feature_net  # heavy: only when needed
+
+            self._feature_net = load_feature_net()
+        return self._feature_net
+
+    def load_inputs(self, job: Job) -> JobInputs:
+        observation = self._read(job.image, "image")
+        size = observation.size
+        factor = job.scale if job.task == "super_resolution" and job.scale else 1
+        target = (size[0] * factor, size[1] * factor)
+        mask = guide = reference = None
+        if job.mask:
+            mask = (self._read_sized(job.mask, "mask", size).pixels > 0).any(axis=0)
+            mask = mask.astype(np.float32)
+        if job.guide:
+            guide = _match_channels(self._read_sized(job.guide, "guide", size), observation)
+        if job.reference:
+            ref = self._read_sized(job.reference, "reference", target)
+            reference = _match_channels(ref, observation)
+        return JobInputs(observation, mask, guide, reference)
+
+    def _read(self, uri: str, role: str) -> DecodedImage:
+        try:
+            return decode_image(self.storage.read_bytes(uri))
+        except FileNotFoundError:
+            raise JobInputError(f"{role} not found: {uri}") from None
+        except ImageDecodeError as error:
+            raise JobInputError(f"{role} {uri}: {error}") from None
+
+    def _read_sized(self, uri: str, role: str, size: tuple[int, int]) -> DecodedImage:
+        image = self._read(uri, role)
+        if image.size != size:
+            raise JobInputError(
+                f"{role} {uri} is {image.size[0]}x{image.size[1]} pixels, "
+                f"expected {size[0]}x{size[1]}"
+            )
+        return image
+
+    def write_output(self, job: Job, pixels: np.ndarray, source: DecodedImage) -> str:
+        alpha = source.alpha
+        if alpha is not None and alpha.shape != pixels.shape[1:]:  # super-resolution
+            alpha = resize_plane(alpha, (pixels.shape[2], pixels.shape[1]))
+        uri = image_uri(self.config.out, job.id)
+        self.storage.write_bytes(uri, encode_png(pixels, alpha, source.bit_depth))
+        return uri
+
+
+def _tensor(array: np.ndarray | None) -> torch.Tensor | None:
+    return None if array is None else torch.from_numpy(array)
+
+
+def _match_channels(image: DecodedImage, like: DecodedImage) -> np.ndarray:
+    """A grey guide/reference may go with a colour image (repeated); the reverse is refused."""
+    pixels, wanted = image.pixels, like.pixels.shape[0]
+    if pixels.shape[0] == wanted:
+        return pixels
+    if pixels.shape[0] == 1:
+        return np.repeat(pixels, wanted, axis=0)
+    raise JobInputError(f"a colour guide/reference cannot go with a greyscale image ({wanted} ch)")
+
+
+def _base_row(job: Job) -> dict[str, Any]:
+    return {"id": job.id, "task": job.task, "seed": job.seed}
+
+
+def _ok_row(job: Job, output: str, iterations: int, energy: float, psnr, device: str) -> dict:
+    return {
+        **_base_row(job),
+        "status": STATUS_OK,
+        "error": None,
+        "output": output,
+        "iterations": iterations,
+        "energy": energy,
+        "psnr": psnr,
+        "device": device,
+    }
+
+
+def _failed_row(job: Job, error: str) -> dict[str, Any]:
+    return {**_base_row(job), "status": STATUS_FAILED, "error": error}
+
+
+def failed_outcome(job: Job, error: str, attempts: int, worker: str | None = None) -> JobOutcome:
+    """A failed row made by the runner (e.g. the worker process died too often)."""
+    row = _failed_row(job, error)
+    row.update(attempts=attempts, worker=worker)
+    return JobOutcome(row)
+
+
+def describe_error(error: BaseException) -> str:
+    """Errors meant for users keep their message; anything else also names its type."""
+    if isinstance(error, (DipInputError, JobInputError)):
+        return str(error)
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        torch.cuda.empty_cache()
+        return "out of GPU memory (try a smaller image or network: params channels/depth)"
+    return f"{type(error).__name__}: {error}"
+
+
+def _maybe_die(job_id: str) -> None:
+    """Test-only: exit the process abruptly the first time the named job runs."""
+    if os.environ.get(FAULT_KILL_JOB) != job_id:
+        return
+    marker = os.environ.get(FAULT_MARKER)
+    if not marker:
+        return
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return
+    os._exit(1)

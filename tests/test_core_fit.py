@@ -1,0 +1,123 @@
+"""The fitting loop: it fits, it beats the trivial answer, it reproduces, it recovers."""
+
+import pytest
+import torch
+
+from dip_core import FitConfig, build_problem, fit, restore
+from dip_core.fit import _Checkpoint
+from dip_core.metrics import psnr
+
+torch.set_num_threads(1)
+SMALL = {"channels": 16, "depth": 3, "input_depth": 8}
+
+
+def synthetic(height=32, width=32, sigma=0.1, seed=1):
+    """A piecewise-flat clean image and a noisy copy."""
+    clean = torch.full((3, height, width), 0.25)
+    clean[:, height // 4 : 3 * height // 4, width // 4 : 3 * width // 4] = 0.8
+    clean[1] *= 0.7
+    g = torch.Generator().manual_seed(seed)
+    noisy = (clean + sigma * torch.randn(clean.shape, generator=g)).clamp(0, 1)
+    return clean, noisy
+
+
+def test_a_short_fit_lowers_the_energy_and_beats_the_noisy_input():
+    clean, noisy = synthetic()
+    result = restore("denoise", noisy, reference=clean, iterations=150, seed=0, params=SMALL)
+    assert result.energies[-10:].mean() < result.energies[:10].mean() / 2
+    assert result.psnr > psnr(noisy, clean).item() + 2
+    assert result.image.shape == clean.shape and result.iterations == 150
+    assert len(result.steps) == len(result.energies) == len(result.psnrs) == 150
+    assert result.stop_reason == "iterations" and result.device == "cpu"
+
+
+def test_same_seed_same_result_other_seed_other_result():
+    _, noisy = synthetic(16, 16)
+    runs = [restore("denoise", noisy, iterations=12, seed=s, params=SMALL) for s in (5, 5, 6)]
+    assert torch.equal(runs[0].image, runs[1].image)
+    assert torch.equal(runs[0].energies, runs[1].energies)
+    assert not torch.equal(runs[0].image, runs[2].image)
+
+
+@pytest.mark.parametrize("size", [(17, 23), (5, 3), (40, 33)])
+def test_odd_sizes_round_trip(size):
+    _, noisy = synthetic(*size)
+    assert restore("denoise", noisy, iterations=3, params=SMALL).image.shape == (3, *size)
+
+
+def test_super_resolution_returns_the_high_resolution_size():
+    _, low = synthetic(12, 10)
+    result = restore("super_resolution", low, scale=4, iterations=3, params=SMALL)
+    assert result.image.shape == (3, 48, 40)
+
+
+def test_averaging_returns_the_averaged_output_not_the_last_one():
+    _, noisy = synthetic(16, 16)
+    averaged = restore("denoise", noisy, iterations=20, params={**SMALL, "exp_weight": 0.9})
+    plain = restore("denoise", noisy, iterations=20, params={**SMALL, "exp_weight": 0.0})
+    assert not torch.equal(averaged.image, plain.image)
+    # The plain result is the network's output on z without jitter: deterministic, in range.
+    assert plain.image.min() >= 0 and plain.image.max() <= 1
+
+
+def test_callbacks_see_progress_and_can_stop_the_fit():
+    _, noisy = synthetic(16, 16)
+    seen = []
+
+    def stop_at_20(progress):
+        seen.append(progress.step)
+        return progress.step >= 20
+
+    result = restore(
+        "denoise", noisy, iterations=100, params=SMALL, callbacks=[stop_at_20], sync_every=10
+    )
+    assert seen == [10, 20]
+    assert result.iterations == 20 and result.stop_reason == "callback"
+    assert result.stopped_at == 20 and len(result.energies) == 20
+
+
+def test_checkpoint_restores_weights_and_optimizer_state():
+    net = torch.nn.Linear(3, 3)
+    opt = torch.optim.Adam(net.parameters(), lr=0.1)
+    net(torch.rand(2, 3)).sum().backward()
+    opt.step()
+    saved = _Checkpoint(1, net, opt, None)
+    weights = net.weight.detach().clone()
+    moment = opt.state[net.weight]["exp_avg"].clone()
+    for _ in range(3):
+        net(torch.rand(2, 3)).sum().backward()
+        opt.step()
+    saved.restore(net, opt)
+    assert torch.equal(net.weight, weights)
+    assert torch.equal(opt.state[net.weight]["exp_avg"], moment)
+    assert opt.state[net.weight]["step"].item() == 1
+
+
+def test_a_diverged_window_is_rolled_back_and_the_fit_recovers():
+    clean, noisy = synthetic(16, 16)
+    problem = build_problem("denoise", noisy, reference=clean, params=SMALL)
+    config = FitConfig(120, 0.01, 0.0, 0.0, seed=0, sync_every=20, divergence_warmup=20)
+    corrupted = []
+
+    def corrupt_once(step, network):
+        if step == 70 and not corrupted:
+            corrupted.append(step)
+            with torch.no_grad():
+                for p in network.parameters():
+                    p.mul_(-30.0)
+
+    healthy = fit(problem, config)
+    recovered = fit(build_problem("denoise", noisy, reference=clean, params=SMALL), config,
+                    step_hook=corrupt_once)  # fmt: skip
+    assert corrupted == [70] and recovered.rollbacks == 1 and healthy.rollbacks == 0
+    assert recovered.iterations == 120
+    assert recovered.energies[20:].max() < 2 * healthy.energies[20:].max()  # the jump is gone
+    assert recovered.energy == pytest.approx(healthy.energy, rel=0.5)
+
+
+def test_bad_iterations_and_seed_are_refused():
+    _, noisy = synthetic(8, 8)
+    with pytest.raises(ValueError, match="iterations"):
+        restore("denoise", noisy, iterations=-1)
+    with pytest.raises(ValueError, match="seed"):
+        restore("denoise", noisy, seed="abc")
