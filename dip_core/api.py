@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .ensemble import combine
 from .errors import DipInputError
 from .fit import Callback, FitConfig, FitResult, StepHook, fit
 from .tasks import build_problem
@@ -49,5 +50,12 @@ def restore(
         task, observation, mask=mask, guide=guide, scale=scale, reference=reference,
         params=params, feature_net=feature_net,
     )  # fmt: skip
-    config = FitConfig.from_preset(problem.preset, iterations, seed, sync_every=max(1, sync_every))
-    return fit(problem, config, device=device, callbacks=callbacks, step_hook=step_hook)
+    members = []
+    for member in range(problem.preset.ensemble):
+        config = FitConfig.from_preset(
+            problem.preset, iterations, seed + member, sync_every=max(1, sync_every)
+        )
+        members.append(
+            fit(problem, config, device=device, callbacks=callbacks, step_hook=step_hook)
+        )
+    return combine(problem, members)

@@ -87,8 +87,14 @@ def _conv(spec: SkipSpec, cin: int, cout: int, kernel: int, stride: int = 1) -> 
     return nn.Sequential(*layers)
 
 
+def _norm(channels: int) -> nn.BatchNorm2d:
+    # Always the statistics of the current image: DIP never switches to running averages,
+    # and keeping none makes K networks stackable under torch.func.vmap (packing).
+    return nn.BatchNorm2d(channels, track_running_stats=False)
+
+
 def _bn_act(channels: int) -> list[nn.Module]:
-    return [nn.BatchNorm2d(channels), nn.LeakyReLU(0.2, inplace=True)]
+    return [_norm(channels), nn.LeakyReLU(0.2, inplace=True)]
 
 
 class SkipLevel(nn.Module):
@@ -114,7 +120,7 @@ class SkipLevel(nn.Module):
         deeper.append(nn.Upsample(scale_factor=2, mode=spec.upsample))
         self.deeper = nn.Sequential(*deeper)
         merged = skip + (spec.channels_up[level + 1] if inner is not None else down)
-        merge: list[nn.Module] = [nn.BatchNorm2d(merged), _conv(spec, merged, up, k_up)]
+        merge: list[nn.Module] = [_norm(merged), _conv(spec, merged, up, k_up)]
         merge += _bn_act(up)
         if spec.need_1x1_up:
             merge += [_conv(spec, up, up, 1), *_bn_act(up)]

@@ -18,7 +18,7 @@ from .presets import INPAINT_VARIANTS, Preset
 COMMON_KEYS = (
     "lr", "reg_noise_std", "exp_weight", "input_depth", "input", "channels", "depth",
     "skip_channels", "kernel_down", "kernel_up", "upsample", "downsample", "padding",
-    "noise_scale",
+    "noise_scale", "stop", "stop_window", "stop_patience", "ensemble",
 )  # fmt: skip
 TASK_KEYS = {
     "inpaint": ("variant",),
@@ -26,6 +26,7 @@ TASK_KEYS = {
     "preimage": ("feature_layer", "feature_weights"),
 }
 MAX_DEPTH = 8
+STOP_MODES = ("auto", "fixed")
 
 
 def allowed_keys(task: str) -> tuple[str, ...]:
@@ -137,6 +138,11 @@ def apply_params(preset: Preset, task: str, params: dict | None) -> Preset:
     ):
         if key in params:
             changes[key] = _choice(params, key, choices)
+    if "stop" in params:
+        changes["stop"] = _choice(params, "stop", STOP_MODES)
+    for key, high in (("stop_window", 100_000), ("stop_patience", 1_000_000), ("ensemble", 64)):
+        if key in params:
+            changes[key] = _integer(params[key], key, 1, high)
     if "feature_weights" in params and not isinstance(params["feature_weights"], str):
         raise DipInputError("params.feature_weights must be a path or URI string")
     if "feature_layer" in params:

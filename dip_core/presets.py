@@ -32,6 +32,10 @@ class Preset:
     noise_scale: float = 0.1
     downsampler: str = "lanczos2"  # super_resolution: the degradation model
     feature_layer: int = 12  # preimage: MobileNetV2 features[:layer]
+    stop: str = "fixed"  # "auto": stop by the windowed output variance (stopping.py)
+    stop_window: int = 100
+    stop_patience: int = 500
+    ensemble: int = 1  # fits with seeds seed, seed + 1, ... whose results are averaged
 
     @property
     def depth(self) -> int:

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from dip_core import FitConfig, build_problem, fit, restore
-from dip_core.fit import _Checkpoint
+from dip_core.engine import EngineOptions, FlatAdam, PackedNetwork
 from dip_core.metrics import psnr
+from dip_core.slot import FitSlot, _Checkpoint
 
 torch.set_num_threads(1)
 SMALL = {"channels": 16, "depth": 3, "input_depth": 8}
@@ -76,21 +77,31 @@ def test_callbacks_see_progress_and_can_stop_the_fit():
     assert result.stopped_at == 20 and len(result.energies) == 20
 
 
-def test_checkpoint_restores_weights_and_optimizer_state():
-    net = torch.nn.Linear(3, 3)
-    opt = torch.optim.Adam(net.parameters(), lr=0.1)
-    net(torch.rand(2, 3)).sum().backward()
-    opt.step()
-    saved = _Checkpoint(1, net, opt, None)
-    weights = net.weight.detach().clone()
-    moment = opt.state[net.weight]["exp_avg"].clone()
+def test_checkpoint_restores_a_slots_weights_and_adam_state():
+    _, noisy = synthetic(16, 16)
+    problem = build_problem("denoise", noisy, params=SMALL)
+    cpu = torch.device("cpu")
+    net = PackedNetwork(problem.spec, 2, cpu, EngineOptions())
+    adam = FlatAdam(net.flat)
+    slot = FitSlot(None, problem, FitConfig(10, 0.01, 0.0, 0.0), 1, cpu, ((), None))
+    slot.start(net, adam)
+
+    def one_step():
+        out = net(torch.stack([torch.zeros_like(slot.z), slot.network_input(net)]))
+        energy = slot.energy(out[1])
+        energy.backward()
+        adam.step()
+        slot.record(out[1].detach(), energy.detach())
+
+    one_step()
+    saved = _Checkpoint(slot, net, adam)
+    weights, moment, steps = net.flat[1].detach().clone(), adam.m[1].clone(), adam.steps[1].item()
     for _ in range(3):
-        net(torch.rand(2, 3)).sum().backward()
-        opt.step()
-    saved.restore(net, opt)
-    assert torch.equal(net.weight, weights)
-    assert torch.equal(opt.state[net.weight]["exp_avg"], moment)
-    assert opt.state[net.weight]["step"].item() == 1
+        one_step()
+    assert not torch.equal(net.flat[1], weights)
+    saved.restore(slot, net, adam)
+    assert torch.equal(net.flat[1], weights) and torch.equal(adam.m[1], moment)
+    assert adam.steps[1].item() == steps == 1 and slot.step == 1
 
 
 def test_a_diverged_window_is_rolled_back_and_the_fit_recovers():
@@ -99,12 +110,11 @@ def test_a_diverged_window_is_rolled_back_and_the_fit_recovers():
     config = FitConfig(120, 0.01, 0.0, 0.0, seed=0, sync_every=20, divergence_warmup=20)
     corrupted = []
 
-    def corrupt_once(step, network):
+    def corrupt_once(step, weights):
         if step == 70 and not corrupted:
             corrupted.append(step)
             with torch.no_grad():
-                for p in network.parameters():
-                    p.mul_(-30.0)
+                weights.mul_(-30.0)
 
     healthy = fit(problem, config)
     recovered = fit(build_problem("denoise", noisy, reference=clean, params=SMALL), config,

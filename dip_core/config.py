@@ -1,0 +1,59 @@
+"""The fitting loop's configuration, progress reports and results."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .stopping import StopRule
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    iterations: int
+    lr: float
+    reg_noise_std: float
+    exp_weight: float  # 0: the result is the last output, not an average
+    seed: int = 0
+    sync_every: int = 50  # steps between host reads of the trace (progress, divergence)
+    divergence_ratio: float = 10**0.5  # an energy 5 dB above the best so far is a jump
+    divergence_warmup: int = 50  # early steps bounce; they are not checked
+    max_rollbacks: int = 10
+    stop: StopRule | None = None  # a no-reference stopping rule; None runs every iteration
+    stop_enforced: bool = True  # False records the rule's statistic but never stops
+
+    @classmethod
+    def from_preset(cls, preset, iterations: int | None = None, seed: int = 0, **kw) -> FitConfig:
+        steps = preset.iterations if iterations is None else iterations
+        rule = None
+        if preset.stop == "auto":
+            rule = StopRule(preset.stop_window, preset.stop_patience)
+        return cls(steps, preset.lr, preset.reg_noise_std, preset.exp_weight, seed, stop=rule, **kw)
+
+
+@dataclass(frozen=True)
+class FitProgress:
+    step: int  # steps done
+    iterations: int  # steps planned
+    energy: float  # energy of the latest step
+    psnr: float | None  # PSNR of the current result against the reference
+    elapsed: float  # seconds since the fit started
+
+
+@dataclass
+class FitResult:
+    image: torch.Tensor  # (C, H, W) on the CPU, target size
+    steps: torch.Tensor  # 1-D int64: step index of each trace entry
+    energies: torch.Tensor  # 1-D float64
+    psnrs: torch.Tensor | None  # 1-D float64, with a reference
+    stop_stats: torch.Tensor | None  # 1-D float64: the stopping rule's statistic per step
+    energy: float  # energy of the returned image
+    psnr: float | None
+    iterations: int  # steps run
+    seconds: float
+    seed: int
+    device: str
+    stopped_at: int  # the step count whose result is returned
+    stop_reason: str  # "iterations" | "callback" | "auto"
+    rollbacks: int = 0

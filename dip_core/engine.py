@@ -1,0 +1,156 @@
+"""K networks of one architecture as one: packed weights and a vectorised Adam.
+
+With batch 1 in train mode, BatchNorm normalises each image by its own statistics, so K
+independent fits can share one forward pass: ``torch.func.vmap`` over ``functional_call``
+turns every convolution into a grouped convolution (``groups=K``) while each slot keeps its
+own weights, statistics and optimiser state. All weights live in one flat (K, P) tensor, so
+Adam is a handful of kernels per step whatever the number of layers (a for-loop Adam costs
+~1,000 launches per step), and each slot has its own step count, so a finished slot is
+refilled in place with a fresh network.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+from .networks import SkipSpec, build_network
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Speed switches; each can be turned off so the speed benchmark can show its effect."""
+
+    bf16: bool = False  # autocast convolutions to bfloat16 (CUDA); energies stay float32
+    channels_last: bool = False  # NHWC activations (single-slot engines)
+    compile: bool = False  # torch.compile the network's forward
+    compile_mode: str | None = None  # e.g. "reduce-overhead" for CUDA graphs
+    checkpointing: bool = False  # recompute activations in backward: large images fit memory
+    float64: bool = False  # double precision weights (equivalence tests, debugging)
+
+    @classmethod
+    def fastest_for(cls, device: torch.device) -> EngineOptions:
+        """The defaults: switches that keep results and help on this kind of device.
+
+        bf16 and compile are opt-in until the GPU benchmark shows they keep quality within
+        0.1 dB (benchmarks/speed.py); channels_last helps tensor cores on CUDA only.
+        """
+        return cls(channels_last=device.type == "cuda")
+
+
+def seeded_network(spec: SkipSpec, seed: int) -> nn.Module:
+    """The network a fit with this seed starts from, built on the CPU so the same seed gives
+    the same weights on every device."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_network(spec)
+
+
+class PackedNetwork:
+    """K slots of one SkipSpec; slot k's weights are row k of ``flat``."""
+
+    def __init__(self, spec: SkipSpec, slots: int, device: torch.device, options: EngineOptions):
+        self.spec, self.slots, self.device, self.options = spec, slots, device, options
+        template = build_network(spec)
+        self.names = [name for name, _ in template.named_parameters()]
+        self.shapes = [p.shape for _, p in template.named_parameters()]
+        self.sizes = [math.prod(s) for s in self.shapes]
+        self.dtype = torch.float64 if options.float64 else torch.float32
+        self.flat = torch.zeros(
+            slots, sum(self.sizes), device=device, dtype=self.dtype, requires_grad=True
+        )
+        self.module = copy.deepcopy(template).to(device, self.dtype)
+        if options.channels_last:
+            self.module = self.module.to(memory_format=torch.channels_last)
+        self.module.requires_grad_(False)
+        self._forward = torch.compile(self._call, mode=options.compile_mode) if (
+            options.compile
+        ) else self._call  # fmt: skip
+
+    def load_slot(self, slot: int, seed: int) -> None:
+        weights = torch.cat(
+            [p.detach().reshape(-1) for p in seeded_network(self.spec, seed).parameters()]
+        )
+        with torch.no_grad():
+            self.flat[slot].copy_(weights.to(self.device, self.dtype))
+
+    def _params(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Views of ``flat`` shaped as the module's parameters (with a leading slot axis)."""
+        out, offset = {}, 0
+        for name, shape, size in zip(self.names, self.shapes, self.sizes, strict=True):
+            out[name] = flat[..., offset : offset + size].reshape(*flat.shape[:-1], *shape)
+            offset += size
+        return out
+
+    def _call_one(self, flat_row: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        if self.options.checkpointing:
+            return torch.utils.checkpoint.checkpoint(
+                functional_call, self.module, self._params(flat_row), (z,), use_reentrant=False
+            )
+        return functional_call(self.module, self._params(flat_row), (z,))
+
+    def _call(self, flat: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        if self.slots == 1:
+            return self._call_one(flat[0], z[0]).unsqueeze(0)
+        return vmap(self._call_one)(flat, z)
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        """(K, 1, C, H, W) inputs -> (K, 1, C_out, H, W) outputs."""
+        z = z.to(self.dtype)
+        if self.options.channels_last and self.slots == 1:
+            z = z.contiguous(memory_format=torch.channels_last) if z.dim() == 4 else z
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.options.bf16):
+            out = self._forward(self.flat, z)
+        return out.float() if out.dtype == torch.bfloat16 else out
+
+
+class FlatAdam:
+    """Adam over the (K, P) weights with per-slot learning rates and step counts.
+
+    The arithmetic follows torch.optim.Adam (lerp for the first moment, bias corrections,
+    ``param -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)``).
+    """
+
+    def __init__(self, flat: torch.Tensor, betas=(0.9, 0.999), eps: float = 1e-8) -> None:
+        self.flat, (self.beta1, self.beta2), self.eps = flat, betas, eps
+        self.m = torch.zeros_like(flat, requires_grad=False)
+        self.v = torch.zeros_like(flat, requires_grad=False)
+        self.steps = torch.zeros(flat.shape[0], 1, device=flat.device)
+        self.lr = torch.zeros(flat.shape[0], 1, device=flat.device)
+        self.active = torch.zeros(flat.shape[0], 1, device=flat.device)
+
+    def reset_slot(self, slot: int, lr: float) -> None:
+        self.m[slot].zero_()
+        self.v[slot].zero_()
+        self.steps[slot] = 0
+        self.lr[slot] = lr
+        self.active[slot] = 1
+
+    def release_slot(self, slot: int) -> None:
+        self.active[slot] = 0
+
+    @torch.no_grad()
+    def step(self) -> None:
+        grad = self.flat.grad
+        self.steps += self.active
+        steps = self.steps.clamp_min(1)
+        step_size = self.lr / (1 - self.beta1**steps) * self.active
+        bc2_sqrt = (1 - self.beta2**steps).sqrt()
+        self.m.lerp_(grad, 1 - self.beta1)
+        self.v.mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
+        denom = (self.v.sqrt() / bc2_sqrt).add_(self.eps)
+        self.flat.sub_(step_size * (self.m / denom))
+        self.flat.grad = None
+
+    def state(self, slot: int) -> tuple[torch.Tensor, ...]:
+        return (self.m[slot].clone(), self.v[slot].clone(), self.steps[slot].clone())
+
+    def load_state(self, slot: int, state: tuple[torch.Tensor, ...]) -> None:
+        self.m[slot].copy_(state[0])
+        self.v[slot].copy_(state[1])
+        self.steps[slot].copy_(state[2])

@@ -1,0 +1,163 @@
+"""One fit's own state inside a packed engine: input, trace, averaging, stopping, rollback.
+
+The trace stays on the device and is read back only at the slot's sync points (every
+``sync_every`` steps). Divergence is checked there: a window whose energy jumps is thrown
+away whole, the slot's weights AND Adam state are restored from its last good checkpoint,
+and the fit continues with fresh jitter (the reference code keeps Adam's moments and
+still applies the bad step).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .config import FitConfig, FitProgress, FitResult
+from .engine import FlatAdam, PackedNetwork
+from .inputs import jittered
+from .metrics import psnr
+from .stopping import VarianceStopper
+from .tasks import Problem
+
+
+class _Checkpoint:
+    """A copy of everything a rollback of one slot must restore, kept on the device."""
+
+    def __init__(self, slot: FitSlot, net: PackedNetwork, adam: FlatAdam) -> None:
+        self.step = slot.step
+        self.weights = net.flat[slot.index].detach().clone()
+        self.adam = adam.state(slot.index)
+        self.average = None if slot.average is None else slot.average.clone()
+
+    def restore(self, slot: FitSlot, net: PackedNetwork, adam: FlatAdam) -> None:
+        with torch.no_grad():
+            net.flat[slot.index].copy_(self.weights)
+        adam.load_state(slot.index, self.adam)
+        slot.average = None if self.average is None else self.average.clone()
+        slot.step = self.step
+
+
+def _jumped(window: torch.Tensor, best_before: float, first_step: int, cfg: FitConfig) -> bool:
+    """True when a step of the window is non-finite or jumps far above the running best."""
+    if not torch.isfinite(window).all():
+        return True
+    running_best = torch.cummin(window, 0).values
+    previous = torch.cat([torch.tensor([best_before], dtype=window.dtype), running_best[:-1]])
+    checked = torch.arange(first_step, first_step + len(window)) >= cfg.divergence_warmup
+    return bool((checked & (window > cfg.divergence_ratio * previous)).any())
+
+
+class FitSlot:
+    def __init__(self, tag, problem: Problem, config: FitConfig, index: int, device, hooks):
+        self.tag, self.problem, self.config, self.index = tag, problem, config, index
+        self.callbacks, self.step_hook = hooks
+        self.started = time.perf_counter()
+        problem.to(device)
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(config.seed)
+        self.z = problem.network_input(self.generator)
+        n = config.iterations
+        self.energies = torch.full((n,), float("nan"), device=device)
+        self.psnrs = None
+        if problem.reference is not None:
+            self.psnrs = torch.full((n,), float("nan"), device=device)
+        self.stop_stats = None
+        if config.stop is not None:
+            self.stop_stats = torch.full((n,), float("nan"), dtype=torch.float64, device=device)
+        self.stopper: VarianceStopper | None = None
+        self.average: torch.Tensor | None = None
+        self.step, self.rollbacks, self.best = 0, 0, float("inf")
+        self.checkpoint: _Checkpoint | None = None
+
+    def start(self, net: PackedNetwork, adam: FlatAdam) -> None:
+        net.load_slot(self.index, self.config.seed)
+        adam.reset_slot(self.index, self.config.lr)
+        self.checkpoint = _Checkpoint(self, net, adam)
+
+    def network_input(self, net: PackedNetwork) -> torch.Tensor:
+        if self.step_hook is not None:
+            self.step_hook(self.step, net.flat[self.index])
+        return jittered(self.z, self.config.reg_noise_std, self.generator)
+
+    def energy(self, padded_output: torch.Tensor) -> torch.Tensor:
+        return self.problem.data_energy(padded_output)
+
+    @torch.no_grad()
+    def record(self, padded_output: torch.Tensor, energy: torch.Tensor) -> None:
+        crop = self.problem.placement.crop(padded_output)
+        w = self.config.exp_weight
+        if w > 0:
+            self.average = crop if self.average is None else self.average * w + crop * (1 - w)
+        current = self.average if w > 0 else crop
+        self.energies[self.step] = energy
+        if self.psnrs is not None:
+            self.psnrs[self.step] = psnr(current, self.problem.reference)
+        if self.config.stop is not None:
+            if self.stopper is None:
+                self.stopper = VarianceStopper(self.config.stop, crop)
+            self.stop_stats[self.step] = self.stopper.update(self.step, crop, current)
+        self.step += 1
+
+    def due(self) -> bool:
+        return self.step % self.config.sync_every == 0 or self.step >= self.config.iterations
+
+    def sync(self, net: PackedNetwork, adam: FlatAdam) -> str | None:
+        """Check the window since the last checkpoint (one host read); the stop reason when
+        the fit is over, None to go on."""
+        cfg, start = self.config, self.checkpoint.step
+        window = self.energies[start : self.step].double().cpu()
+        if _jumped(window, self.best, start, cfg) and self.rollbacks < cfg.max_rollbacks:
+            self.checkpoint.restore(self, net, adam)
+            self.rollbacks += 1
+            if self.stopper is not None:
+                self.stopper.forget_from(self.step)
+            return None
+        self.best = min(self.best, float(window.min()))
+        self.checkpoint = _Checkpoint(self, net, adam)
+        if self._notify(window):
+            return "callback"
+        if cfg.stop_enforced and self.stopper and self.stopper.should_stop(self.step):
+            return "auto"
+        return "iterations" if self.step >= cfg.iterations else None
+
+    def _notify(self, window: torch.Tensor) -> bool:
+        if not self.callbacks:
+            return False
+        last_psnr = None if self.psnrs is None else float(self.psnrs[self.step - 1])
+        progress = FitProgress(
+            self.step, self.config.iterations, float(window[-1]), last_psnr,
+            time.perf_counter() - self.started,
+        )  # fmt: skip
+        return any([bool(cb(progress)) for cb in self.callbacks])
+
+    @torch.no_grad()
+    def result(self, reason: str, final_output: torch.Tensor | None, device) -> FitResult:
+        """The averaged output where the task averages, the image at the chosen step when the
+        stopping rule fired, otherwise the output for the un-jittered input (not the last
+        jittered one, which the reference code returns)."""
+        if reason == "auto":
+            image = self.stopper.best_image
+        elif self.average is not None:
+            image = self.average
+        else:
+            image = self.problem.placement.crop(final_output)
+        energy = self.problem.energy(self.problem.operator(image), self.problem.data).item()
+        ref = self.problem.reference
+        n = self.step
+        return FitResult(
+            image=image[0].float().cpu(),
+            steps=torch.arange(n, dtype=torch.int64),
+            energies=self.energies[:n].double().cpu(),
+            psnrs=None if self.psnrs is None else self.psnrs[:n].double().cpu(),
+            stop_stats=None if self.stop_stats is None else self.stop_stats[:n].cpu(),
+            energy=energy,
+            psnr=None if ref is None else psnr(image, ref).item(),
+            iterations=n,
+            seconds=time.perf_counter() - self.started,
+            seed=self.config.seed,
+            device=str(device),
+            stopped_at=self.stopper.chosen_step() + 1 if reason == "auto" else n,
+            stop_reason=reason,
+            rollbacks=self.rollbacks,
+        )
