@@ -13,7 +13,7 @@ For each case it synthesises the degradation with a fixed seed, fits with the ta
 Runs from a checkout with ``PYTHONPATH=.`` on torch, numpy, Pillow and scikit-image alone
 (BM3D is used when the ``bm3d`` package is installed). Example (2-core CPU, minutes):
 
-    PYTHONPATH=. python benchmarks/quality.py --size 64 --channels 32 --depth 4 \
+    PYTHONPATH=. python -m benchmarks.quality --size 64 --channels 32 --depth 4 \
         --iterations-scale 0.5 --max-iterations 2000 --seeds 2
 """
 
@@ -172,11 +172,11 @@ def main() -> None:
         started = time.perf_counter()
         case = load_case(name, args.data, args.size)
         rows.append(evaluate(case, args))
-        print(f"[{name}] done in {time.perf_counter() - started:.0f} s", flush=True)
+        print(f"[{name}] done in {time.perf_counter() - started:.0f} s: {rows[-1]}", flush=True)
+        if args.json:  # after every case: a long run that dies keeps what it measured
+            args.json.write_text(json.dumps([r.__dict__ for r in rows], indent=1))
     print()
     print_table(rows)
-    if args.json:
-        args.json.write_text(json.dumps([r.__dict__ for r in rows], indent=1))
 
 
 if __name__ == "__main__":

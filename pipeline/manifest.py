@@ -52,7 +52,7 @@ class ManifestError(ValueError):
     """The manifest as a whole is unusable; `problems` says why, naming rows."""
 
     def __init__(self, uri: str, problems: list[str]) -> None:
-        self.problems = problems
+        self.uri, self.problems = uri, problems
         super().__init__(f"manifest {uri}: " + "; ".join(problems))
 
 

@@ -75,6 +75,7 @@ class JobOutcome:
 
     row: dict[str, Any]
     trace: dict[str, list] = field(default_factory=lambda: {"step": [], "energy": [], "psnr": []})
+    files: dict[str, bytes] = field(default_factory=dict)  # for the driver to write (memory://)
 
     @property
     def ok(self) -> bool:
@@ -195,7 +196,8 @@ def read_results(storage: Storage, out: str) -> pa.Table:
     shards = result_shards(storage, out)
     if not shards:
         return RESULT_SCHEMA.empty_table()
-    return pa.concat_tables([storage.read_parquet(uri) for uri in shards], promote_options="default")
+    tables = [storage.read_parquet(uri) for uri in shards]
+    return pa.concat_tables(tables, promote_options="default")
 
 
 def read_traces(storage: Storage, out: str) -> pa.Table:

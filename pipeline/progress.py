@@ -31,7 +31,8 @@ class RunSummary:
     failed: int = 0
     worker_deaths: int = 0
     steps: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # from starting the workers to the last result
+    busy_seconds: float = 0.0  # from the first job handed out to the last result
     interrupted: bool = False
     errors: list[tuple[str, str]] = field(default_factory=list)
 

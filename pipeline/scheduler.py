@@ -19,6 +19,7 @@ Why this design and not a ready-made one:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -31,6 +32,7 @@ import ray
 
 from pipeline.manifest import Job
 from pipeline.outputs import JobOutcome
+from pipeline.storage import Storage, is_process_local
 from pipeline.worker import FAULT_KILL_JOB, FAULT_MARKER, Fitter, WorkerConfig, failed_outcome
 
 log = logging.getLogger("dippipe")
@@ -51,8 +53,8 @@ class FitActor:
         self.info = {"worker": name, "node": node, "pid": os.getpid(), "gpus": ray.get_gpu_ids()}
         self.fitter = Fitter(config, worker=name, node=node)
 
-    def run(self, job: Job, attempt: int) -> JobOutcome:
-        return self.fitter.run(job, attempt)
+    def run(self, job: Job, attempt: int, payload: dict[str, bytes]) -> JobOutcome:
+        return self.fitter.run(job, attempt, payload)
 
     @ray.method(concurrency_group="status")
     def describe(self) -> dict[str, Any]:
@@ -84,6 +86,7 @@ class Slot:
 class Scheduler:
     pool: PoolSpec
     worker_config: WorkerConfig
+    storage: Storage
     on_outcome: Callable[[JobOutcome], None]
     on_tick: Callable[[int, int], None]  # (running jobs, live steps)
     max_attempts: int = 3
@@ -153,8 +156,19 @@ class Scheduler:
 
     def _submit(self, slot: Slot, job: Job, attempt: int) -> None:
         slot.job, slot.attempt, slot.live_step = job, attempt, 0
-        slot.ref = slot.actor.run.remote(job, attempt)
+        slot.ref = slot.actor.run.remote(job, attempt, self._payload(job))
         log.info("job %s (%s) -> %s, attempt %d", job.id, job.task, slot.name, attempt)
+
+    def _payload(self, job: Job) -> dict[str, bytes]:
+        """Bytes of the job's memory:// inputs, which only the driver's process can read."""
+        uris = (job.image, job.mask, job.guide, job.reference)
+        payload = {}
+        for uri in uris:
+            if is_process_local(uri):
+                # A missing file is left for the worker to report as the job's error.
+                with contextlib.suppress(FileNotFoundError):
+                    payload[uri] = self.storage.read_bytes(uri)
+        return payload
 
     def _collect(self, slot: Slot) -> None:
         job, attempt, ref = slot.job, slot.attempt, slot.ref

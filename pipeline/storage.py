@@ -68,6 +68,15 @@ class StorageOptions:
         return asdict(self)
 
 
+# File systems that live inside one process: Ray workers cannot see the driver's, so the driver
+# reads their inputs and writes their outputs (see worker.py).
+PROCESS_LOCAL_PROTOCOLS = ("memory",)
+
+
+def is_process_local(uri: str | None) -> bool:
+    return bool(uri) and protocol_of(uri) in PROCESS_LOCAL_PROTOCOLS
+
+
 def protocol_of(uri: str) -> str:
     return uri.split("://", 1)[0] if "://" in uri else "file"
 

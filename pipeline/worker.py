@@ -20,7 +20,7 @@ from dip_core import DipInputError, FitProgress, restore
 from pipeline.images import DecodedImage, ImageDecodeError, decode_image, encode_png, resize_plane
 from pipeline.manifest import Job, job_problems
 from pipeline.outputs import STATUS_FAILED, STATUS_OK, JobOutcome, image_uri
-from pipeline.storage import Storage, StorageOptions
+from pipeline.storage import Storage, StorageOptions, is_process_local
 
 # Test-only fault hook: kill this process once, mid-fit, when it runs the named job.
 FAULT_KILL_JOB = "DIPPIPE_FAULT_KILL_JOB"
@@ -39,6 +39,8 @@ class WorkerConfig:
     threads: int = 1  # torch CPU threads; 1 keeps small shared machines steady
     sync_every: int = 50  # steps between progress reports (each one syncs the GPU)
     fake_fit_seconds: float | None = None  # benchmark only: sleep instead of fitting
+    # In a worker process: memory:// inputs arrive with the job, outputs go back to the driver.
+    ship_process_local: bool = False
 
 
 @dataclass(frozen=True)
@@ -57,11 +59,15 @@ class Fitter:
         self.worker, self.node = worker, node or socket.gethostname()
         self.storage = Storage(config.storage)
         self._feature_net: torch.nn.Module | None = None
+        self._payload: dict[str, bytes] = {}
+        self._shipped: dict[str, bytes] = {}
         self.progress: dict[str, Any] = {}
         torch.set_num_threads(max(1, config.threads))
 
-    def run(self, job: Job, attempt: int = 1) -> JobOutcome:
+    def run(self, job: Job, attempt: int = 1, payload: dict | None = None) -> JobOutcome:
+        """Run one job; `payload` holds the bytes of its process-local (memory://) inputs."""
         started = time.perf_counter()
+        self._payload, self._shipped = payload or {}, {}
         self.progress = {"id": job.id, "step": 0, "iterations": job.iterations, "energy": None}
         try:
             outcome = self._run(job)
@@ -69,6 +75,7 @@ class Fitter:
             outcome = JobOutcome(_failed_row(job, describe_error(error)))
         finally:
             self.progress = {}
+        outcome.files = self._shipped
         outcome.row.update(
             seconds=time.perf_counter() - started, attempts=attempt, worker=self.worker
         )
@@ -153,7 +160,8 @@ class Fitter:
 
     def _read(self, uri: str, role: str) -> DecodedImage:
         try:
-            return decode_image(self.storage.read_bytes(uri))
+            data = self._payload.get(uri)
+            return decode_image(self.storage.read_bytes(uri) if data is None else data)
         except FileNotFoundError:
             raise JobInputError(f"{role} not found: {uri}") from None
         except ImageDecodeError as error:
@@ -173,7 +181,11 @@ class Fitter:
         if alpha is not None and alpha.shape != pixels.shape[1:]:  # super-resolution
             alpha = resize_plane(alpha, (pixels.shape[2], pixels.shape[1]))
         uri = image_uri(self.config.out, job.id)
-        self.storage.write_bytes(uri, encode_png(pixels, alpha, source.bit_depth))
+        data = encode_png(pixels, alpha, source.bit_depth)
+        if self.config.ship_process_local and is_process_local(uri):
+            self._shipped[uri] = data
+        else:
+            self.storage.write_bytes(uri, data)
         return uri
 
 

@@ -1,0 +1,214 @@
+"""The `dippipe` command: flags become a frozen config, then one call into the package.
+
+Exit codes: 0 all jobs ok; 1 some job failed (or validate found problems); 2 the manifest or
+the command line is unusable (nothing ran); 130 interrupted (rerun to resume).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+from pipeline.folder import FolderSpec, build_from_folder
+from pipeline.manifest import ManifestError
+from pipeline.progress import errors_table, summary_table
+from pipeline.runner import RunConfig, RunError, run
+from pipeline.scheduler import WorkersKeepDying
+from pipeline.storage import Storage, StorageOptions
+from pipeline.validate import validate_manifest
+
+app = typer.Typer(
+    help="Deep Image Prior restoration over a Parquet manifest, on Ray, local or S3 storage.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+console = Console(stderr=True, soft_wrap=True)  # whole lines: logs stay greppable
+
+S3Endpoint = Annotated[
+    str | None, typer.Option(help="S3 endpoint URL (default: $AWS_ENDPOINT_URL).")
+]
+S3Region = Annotated[str | None, typer.Option(help="S3 region (default: $AWS_REGION).")]
+S3Anonymous = Annotated[bool, typer.Option(help="Unsigned S3 requests (public buckets).")]
+S3Profile = Annotated[str | None, typer.Option(help="AWS profile (default: $AWS_PROFILE).")]
+
+
+def _storage_options(endpoint, region, anonymous, profile) -> StorageOptions:
+    return StorageOptions.from_env(
+        endpoint_url=endpoint, region=region, anonymous=anonymous, profile=profile
+    )
+
+
+def _setup_logging(quiet: bool) -> None:
+    logger = logging.getLogger("dippipe")
+    logger.handlers = [RichHandler(console=console, show_path=False, rich_tracebacks=False)]
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False
+
+
+def _manifest_failed(error: ManifestError) -> None:
+    console.print(f"[red]manifest rejected, nothing was run:[/] {error.uri}")
+    for problem in error.problems:
+        console.print(f"  - {problem}")
+    raise typer.Exit(2)
+
+
+@app.command("run")
+def run_command(
+    manifest: Annotated[str, typer.Argument(help="Manifest Parquet: path or URI.")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Output folder: path or URI.")],
+    gpus: Annotated[
+        int | None, typer.Option(help="GPU workers (one GPU each); 0 = CPU workers.")
+    ] = None,
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster: 'auto' or 'ray://host:10001'.")
+    ] = None,
+    retry_failed: Annotated[bool, typer.Option(help="Rerun jobs that failed before.")] = False,
+    workers: Annotated[int | None, typer.Option(help="CPU workers when --gpus 0.")] = None,
+    cpus_per_worker: Annotated[float, typer.Option(help="Ray CPUs reserved per worker.")] = 1.0,
+    threads: Annotated[int | None, typer.Option(help="Torch threads per worker.")] = None,
+    max_attempts: Annotated[int, typer.Option(help="Tries per job if its worker dies.")] = 3,
+    device: Annotated[str | None, typer.Option(help="Force 'cpu' or 'cuda'.")] = None,
+    sync_every: Annotated[int, typer.Option(help="Steps between live progress reports.")] = 50,
+    flush_rows: Annotated[int, typer.Option(help="Jobs per results shard (at most).")] = 64,
+    flush_seconds: Annotated[float, typer.Option(help="Write results at least this often.")] = 10.0,
+    progress: Annotated[bool, typer.Option(help="Show the live progress bar.")] = True,
+    quiet: Annotated[bool, typer.Option(help="Only warnings in the log.")] = False,
+    s3_endpoint_url: S3Endpoint = None,
+    s3_region: S3Region = None,
+    s3_anonymous: S3Anonymous = False,
+    s3_profile: S3Profile = None,
+    fake_fit_seconds: Annotated[float | None, typer.Option(hidden=True)] = None,
+) -> None:
+    """Run every job of MANIFEST; results, traces and PNGs go to OUT. Reruns resume."""
+    _setup_logging(quiet)
+    config = RunConfig(
+        manifest=manifest,
+        out=out,
+        gpus=gpus,
+        workers=workers,
+        cpus_per_worker=cpus_per_worker,
+        address=address,
+        retry_failed=retry_failed,
+        max_attempts=max(1, max_attempts),
+        storage=_storage_options(s3_endpoint_url, s3_region, s3_anonymous, s3_profile),
+        device=device,
+        threads=threads,
+        sync_every=max(1, sync_every),
+        flush_rows=max(1, flush_rows),
+        flush_seconds=flush_seconds,
+        fake_fit_seconds=fake_fit_seconds,
+        show_progress=progress,
+    )
+    try:
+        summary = run(config, console)
+    except ManifestError as error:
+        _manifest_failed(error)
+    except (RunError, WorkersKeepDying) as error:
+        console.print(f"[red]run stopped:[/] {error}")
+        raise typer.Exit(2) from None
+    console.print(summary_table(summary, out))
+    if summary.errors:
+        console.print(errors_table(summary))
+    raise typer.Exit(summary.exit_code)
+
+
+@app.command("validate")
+def validate_command(
+    manifest: Annotated[str, typer.Argument(help="Manifest Parquet: path or URI.")],
+    s3_endpoint_url: S3Endpoint = None,
+    s3_region: S3Region = None,
+    s3_anonymous: S3Anonymous = False,
+    s3_profile: S3Profile = None,
+) -> None:
+    """Check schema, ids, tasks, params, that every file exists and that sizes match."""
+    options = _storage_options(s3_endpoint_url, s3_region, s3_anonymous, s3_profile)
+    report = validate_manifest(Storage(options), manifest)
+    for problem in report.manifest_problems:
+        console.print(f"[red]manifest:[/] {problem}")
+    for warning in report.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
+    for row, job_id, problem in report.job_problems:
+        console.print(f"[red]row {row} ({job_id}):[/] {problem}")
+    if report.ok:
+        console.print(f"[green]{manifest}: {report.rows} jobs, no problems[/]")
+        return
+    shown = len(report.job_problems)
+    if report.jobs_with_problems and shown >= 1000:
+        console.print(f"(first {shown} problems shown)")
+    console.print(
+        f"[red]{manifest}: {len(report.manifest_problems)} manifest problem(s), "
+        f"{report.jobs_with_problems} of {report.rows} job(s) with problems[/]"
+    )
+    raise typer.Exit(1)
+
+
+@app.command("manifest")
+def manifest_command(
+    folder: Annotated[str, typer.Argument(help="Folder of images: path or URI.")],
+    task: Annotated[str, typer.Option(help="Task of every job.")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Manifest to write (.parquet).")],
+    scale: Annotated[int | None, typer.Option(help="super_resolution factor.")] = None,
+    iterations: Annotated[int | None, typer.Option(help="Steps per job.")] = None,
+    params: Annotated[str | None, typer.Option(help="JSON object of preset overrides.")] = None,
+    s3_endpoint_url: S3Endpoint = None,
+    s3_region: S3Region = None,
+    s3_anonymous: S3Anonymous = False,
+    s3_profile: S3Profile = None,
+) -> None:
+    """Write a manifest for every image of FOLDER (NAME_mask / NAME_flash / NAME_ref beside)."""
+    storage = Storage(_storage_options(s3_endpoint_url, s3_region, s3_anonymous, s3_profile))
+    try:
+        parsed = json.loads(params) if params else None
+        spec = FolderSpec(folder, task, scale, iterations, parsed)
+        table = build_from_folder(storage, spec)
+    except ValueError as error:  # json.JSONDecodeError is a ValueError
+        console.print(f"[red]no manifest written:[/] {error}")
+        raise typer.Exit(2) from None
+    storage.write_parquet(out, table)
+    console.print(f"wrote {out}: {table.num_rows} jobs; check it with: dippipe validate {out}")
+
+
+@app.command("demo")
+def demo_command(
+    out: Annotated[str, typer.Option("--out", "-o", help="Folder for inputs and outputs.")] = (
+        "demo-out"
+    ),
+    iterations: Annotated[int | None, typer.Option(help="Steps per job (default: demo's).")] = None,
+    workers: Annotated[int | None, typer.Option(help="CPU workers (default: one per CPU).")] = None,
+) -> None:
+    """Degrade three bundled scikit-image photos, restore them, print where to look."""
+    from pipeline.demo import run_demo
+
+    _setup_logging(quiet=False)
+    raise typer.Exit(run_demo(out, console, iterations=iterations, workers=workers))
+
+
+@app.command("report")
+def report_command(
+    out: Annotated[str, typer.Argument(help="Output folder of a run: path or URI.")],
+    open_browser: Annotated[
+        bool, typer.Option("--open", help="Open the report in a browser (local OUT only).")
+    ] = False,
+    gallery: Annotated[int, typer.Option(help="Jobs shown in the gallery, at most.")] = 48,
+    sort: Annotated[str, typer.Option(help="Gallery ranking: 'psnr' or 'energy'.")] = "psnr",
+    thumb: Annotated[int, typer.Option(help="Longest edge of embedded images (px).")] = 256,
+    s3_endpoint_url: S3Endpoint = None,
+    s3_region: S3Region = None,
+    s3_anonymous: S3Anonymous = False,
+    s3_profile: S3Profile = None,
+) -> None:
+    """Write OUT/report.html: summary, failed jobs, gallery with energy / PSNR curves."""
+    from pipeline.report import ReportError, ReportOptions, run_report
+
+    storage = Storage(_storage_options(s3_endpoint_url, s3_region, s3_anonymous, s3_profile))
+    try:
+        options = ReportOptions(gallery=gallery, sort=sort, thumb=thumb)
+        run_report(storage, out, options, open_browser, console)
+    except (ReportError, ValueError) as error:
+        console.print(f"[red]no report written:[/] {error}")
+        raise typer.Exit(2) from None

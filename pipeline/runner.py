@@ -1,0 +1,272 @@
+"""`dippipe run`: check the manifest, resume from OUT, start Ray, schedule, record.
+
+Order matters for safety: every manifest-level problem is found before Ray starts or anything
+is written; earlier results are read next, so finished jobs are skipped without starting Ray at
+all; results are written in shards as jobs finish, and flushed on Ctrl-C / SIGTERM too.
+The scheduling itself (actors, retries, progress) is in scheduler.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+
+import pyarrow.compute as pc
+import ray
+from rich.console import Console
+
+from pipeline.manifest import Job, ManifestInfo, inspect_manifest, iter_batches, job_from_row
+from pipeline.outputs import (
+    JobOutcome,
+    PriorResults,
+    ShardWriter,
+    drop_failed_rows,
+    read_prior,
+    remove_orphan_traces,
+)
+from pipeline.progress import ProgressView, RunSummary
+from pipeline.scheduler import PoolSpec, Scheduler
+from pipeline.storage import Storage, StorageOptions, join
+from pipeline.worker import WorkerConfig
+
+log = logging.getLogger("dippipe")
+VERSIONED = ("dippipe", "torch", "ray", "pyarrow", "fsspec", "s3fs", "pillow", "numpy", "pypng")
+
+
+class RunError(RuntimeError):
+    """The run cannot start (e.g. more GPUs asked for than the cluster has)."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    manifest: str
+    out: str
+    gpus: int | None = None  # None: every GPU Ray sees (CPU workers when there is none)
+    workers: int | None = None  # CPU workers when gpus == 0; None: one per cpus_per_worker
+    cpus_per_worker: float = 1.0
+    address: str | None = None  # None: embedded local Ray; "auto" or "ray://host:10001"
+    retry_failed: bool = False
+    max_attempts: int = 3
+    storage: StorageOptions = field(default_factory=StorageOptions)
+    device: str | None = None
+    threads: int | None = None  # torch threads per worker; None: int(cpus_per_worker)
+    sync_every: int = 50
+    flush_rows: int = 64
+    flush_seconds: float = 10.0
+    fake_fit_seconds: float | None = None  # benchmark only
+    show_progress: bool = True
+
+
+def run(config: RunConfig, console: Console | None = None) -> RunSummary:
+    """Run every pending job of the manifest; returns the counts (see RunSummary.exit_code)."""
+    console = console or Console(stderr=True)
+    storage = Storage(config.storage)
+    info = inspect_manifest(storage, config.manifest)  # raises ManifestError before any work
+    summary = RunSummary(manifest_rows=info.num_rows)
+    prior = _prepare_out(storage, config, info, summary)
+    run_json = _RunRecord(storage, config)
+    run_json.write(summary)
+    if summary.pending == 0:
+        log.info("nothing to do: every job of the manifest already has a result in %s", config.out)
+        run_json.write(summary, finished=True)
+        return summary
+    started, temp_dir = _connect(config)
+    try:
+        _schedule(config, storage, info, prior, summary, console, run_json)
+    finally:
+        if started:
+            ray.shutdown()
+        if temp_dir:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+        run_json.write(summary, finished=True)
+    return summary
+
+
+def _prepare_out(storage: Storage, config: RunConfig, info: ManifestInfo, summary: RunSummary):
+    """Read what earlier runs finished; with --retry-failed, drop the rows to be superseded."""
+    orphans = remove_orphan_traces(storage, config.out)
+    if orphans:
+        log.info("removed %d trace shard(s) left by an interrupted run", orphans)
+    prior = read_prior(storage, config.out)
+    ids = storage.read_parquet(info.uri, columns=["id"]).column("id").combine_chunks()
+    ok = pc.is_in(ids, value_set=prior.ok)
+    failed = pc.and_(pc.is_in(ids, value_set=prior.failed), pc.invert(ok))
+    summary.skipped_ok = pc.sum(ok).as_py() or 0
+    failed_count = pc.sum(failed).as_py() or 0
+    if config.retry_failed and failed_count:
+        dropped = drop_failed_rows(storage, config.out, pc.filter(ids, failed))
+        log.info("retrying %d failed job(s) (%d old row(s) removed)", failed_count, dropped)
+    else:
+        summary.skipped_failed = failed_count
+    summary.pending = info.num_rows - summary.skipped_ok - summary.skipped_failed
+    return prior
+
+
+def pending_jobs(
+    storage: Storage, info: ManifestInfo, prior: PriorResults, retry_failed: bool
+) -> Iterator[Job]:
+    """Manifest rows without a result yet, streamed batch by batch."""
+    row = 0
+    for batch in iter_batches(storage, info, batch_rows=1024):
+        done = prior.finished_mask(batch.column("id").combine_chunks(), retry_failed)
+        for values, finished in zip(batch.to_pylist(), done.to_pylist(), strict=True):
+            if not finished:
+                yield job_from_row(values, row)
+            row += 1
+
+
+def _connect(config: RunConfig) -> tuple[bool, str | None]:
+    """Join the given cluster or start an embedded one: (we connected, our temp dir)."""
+    if ray.is_initialized():  # e.g. a caller (or a test) already holds a Ray session
+        return False, None
+    if config.address:
+        ray.init(address=config.address, logging_level=logging.WARNING)
+        return True, None
+    # A short private temp dir: Ray's socket paths must stay under 108 characters.
+    temp_dir = tempfile.mkdtemp(prefix="dpr-", dir="/tmp")
+    ray.init(
+        address="local",
+        _temp_dir=temp_dir,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        num_cpus=_local_cpus(config),
+    )
+    return True, temp_dir
+
+
+def _local_cpus(config: RunConfig) -> int | None:
+    """Enough logical CPUs for the requested CPU workers (Ray otherwise uses the core count)."""
+    if config.workers and not config.gpus:
+        return max(1, int(config.workers * config.cpus_per_worker + 0.999))
+    return None
+
+
+def plan_pool(config: RunConfig, pending: int) -> PoolSpec:
+    resources = ray.cluster_resources()
+    visible = int(resources.get("GPU", 0))
+    gpus = visible if config.gpus is None else config.gpus
+    if gpus > visible:
+        message = f"--gpus {gpus}, but the Ray cluster has {visible} GPU(s)"
+        if not config.address:
+            raise RunError(message)
+        log.warning("%s; the workers wait for the autoscaler", message)
+    if gpus > 0:
+        return PoolSpec(min(gpus, pending), 1, config.cpus_per_worker)
+    slots = int(resources.get("CPU", 1) // max(config.cpus_per_worker, 1e-3))
+    workers = config.workers or max(1, slots)
+    return PoolSpec(min(workers, pending), 0, config.cpus_per_worker)
+
+
+def _schedule(config, storage, info, prior, summary, console, run_json) -> None:
+    pool = plan_pool(config, summary.pending)
+    writer = ShardWriter(storage, config.out, config.flush_rows, config.flush_seconds)
+    worker_config = WorkerConfig(
+        out=config.out,
+        storage=config.storage,
+        device=config.device,
+        threads=config.threads or max(1, int(config.cpus_per_worker)),
+        sync_every=config.sync_every,
+        fake_fit_seconds=config.fake_fit_seconds,
+        ship_process_local=True,
+    )
+    view = ProgressView(console, summary.pending, enabled=config.show_progress)
+
+    def on_outcome(outcome: JobOutcome) -> None:
+        for uri, data in outcome.files.items():  # memory:// outputs of a worker process
+            storage.write_bytes(uri, data)
+        writer.add(outcome)
+        row = outcome.row
+        summary.record(row["id"], outcome.ok, row.get("iterations"), row.get("error"))
+        where = f"{row.get('worker')} on node {row.get('node')}"
+        if outcome.ok:
+            log.info("job %s ok on %s in %.1f s", row["id"], where, row.get("seconds") or 0.0)
+        else:
+            log.warning("job %s failed on %s: %s", row["id"], where, row.get("error"))
+
+    def on_tick(running: int, live_steps: int) -> None:
+        writer.tick()
+        view.update(summary, running, live_steps)
+
+    scheduler = Scheduler(pool, worker_config, storage, on_outcome, on_tick, config.max_attempts)
+    started = time.monotonic()
+    previous = signal.getsignal(signal.SIGTERM)
+    _install_sigterm()
+    try:
+        with view:
+            run_json.workers = scheduler.start()
+            busy_from = time.monotonic()
+            scheduler.run(pending_jobs(storage, info, prior, config.retry_failed))
+            summary.busy_seconds = time.monotonic() - busy_from
+    except KeyboardInterrupt:
+        summary.interrupted = True
+        log.warning("interrupted: keeping the finished jobs; rerun the command to resume")
+    finally:
+        writer.flush()
+        summary.worker_deaths = scheduler.deaths
+        summary.seconds = time.monotonic() - started
+        scheduler.stop()
+        _restore_sigterm(previous)
+
+
+def _install_sigterm() -> None:
+    """SIGTERM (e.g. Kubernetes) stops like Ctrl-C: flush, then exit."""
+    with contextlib.suppress(ValueError):  # not the main thread (e.g. inside a test runner)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
+def _restore_sigterm(previous) -> None:
+    with contextlib.suppress(ValueError, TypeError):
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _RunRecord:
+    """OUT/run.json: configuration, versions, workers and counts. Never credentials."""
+
+    def __init__(self, storage: Storage, config: RunConfig) -> None:
+        self.storage, self.config = storage, config
+        self.started = datetime.now(timezone.utc).isoformat()
+        self.workers: list[dict] = []
+
+    def write(self, summary: RunSummary, finished: bool = False) -> None:
+        config = asdict(self.config)
+        config["storage"] = self.config.storage.public()
+        config["manifest"], config["out"] = _redact(config["manifest"]), _redact(config["out"])
+        record = {
+            "started_at": self.started,
+            "finished_at": datetime.now(timezone.utc).isoformat() if finished else None,
+            "host": socket.gethostname(),
+            "python": sys.version.split()[0],
+            "versions": _versions(),
+            "config": config,
+            "workers": self.workers,
+            "summary": summary.as_dict(),
+        }
+        data = json.dumps(record, indent=2, default=str).encode()
+        self.storage.write_bytes(join(self.config.out, "run.json"), data)
+
+
+def _redact(uri: str) -> str:
+    """Drop any user:password@ from a URI before it is recorded."""
+    return re.sub(r"://[^/@]*@", "://", uri)
+
+
+def _versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for name in VERSIONED:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions

@@ -1,0 +1,121 @@
+"""`dippipe validate`: every check a run would make, without fitting anything.
+
+Manifest-level checks come from manifest.py; per job it adds what needs I/O: the URIs exist,
+the files are images (only headers are read), and mask / guide / reference sizes match.
+Jobs are checked in a thread pool, a batch at a time, since object-store requests are slow one
+by one but cheap in parallel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from pipeline.images import ImageDecodeError, image_size
+from pipeline.manifest import (
+    BATCH_ROWS,
+    Job,
+    ManifestError,
+    inspect_manifest,
+    iter_jobs,
+    job_problems,
+)
+from pipeline.storage import Storage
+
+MAX_JOB_PROBLEMS = 1000  # kept in the report; the count goes on
+
+
+@dataclass
+class ValidationReport:
+    uri: str
+    rows: int = 0
+    manifest_problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    job_problems: list[tuple[int, str, str]] = field(default_factory=list)  # (row, id, problem)
+    jobs_with_problems: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.manifest_problems and self.jobs_with_problems == 0
+
+
+def validate_manifest(storage: Storage, uri: str, threads: int = 16) -> ValidationReport:
+    report = ValidationReport(uri)
+    try:
+        info = inspect_manifest(storage, uri)
+    except ManifestError as error:
+        report.manifest_problems = error.problems
+        return report
+    report.rows = info.num_rows
+    if info.ignored_columns:
+        report.warnings.append(f"columns ignored (not in the schema): {list(info.ignored_columns)}")
+    with ThreadPoolExecutor(threads) as pool:
+        for batch in _batches(iter_jobs(storage, info), BATCH_ROWS):
+            checked = pool.map(lambda job: check_job(storage, job), batch)
+            for job, problems in zip(batch, checked, strict=True):
+                _add(report, job, problems)
+    return report
+
+
+def _batches(jobs: Iterator[Job], size: int) -> Iterator[list[Job]]:
+    batch: list[Job] = []
+    for job in jobs:
+        batch.append(job)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _add(report: ValidationReport, job: Job, problems: list[str]) -> None:
+    if not problems:
+        return
+    report.jobs_with_problems += 1
+    for problem in problems:
+        if len(report.job_problems) < MAX_JOB_PROBLEMS:
+            report.job_problems.append((job.row, job.id, problem))
+
+
+def check_job(storage: Storage, job: Job) -> list[str]:
+    """Problems of one job, including its files (headers only)."""
+    problems = job_problems(job)
+    if not job.image:
+        return problems
+    size, problem = _size_of(storage, job.image, "image")
+    if problem:
+        return [*problems, problem]
+    factor = job.scale if job.task == "super_resolution" and job.scale else 1
+    expected = {
+        "mask": size,
+        "guide": size,
+        "reference": (size[0] * factor, size[1] * factor),
+    }
+    for role, wanted in expected.items():
+        uri = getattr(job, role)
+        if not uri:
+            continue
+        found, problem = _size_of(storage, uri, role)
+        if problem is None and found != wanted:
+            problem = (
+                f"{role} {uri} is {found[0]}x{found[1]} pixels, expected {wanted[0]}x{wanted[1]}"
+            )
+        if problem:
+            problems.append(problem)
+    return problems
+
+
+def _size_of(storage: Storage, uri: str, role: str) -> tuple[tuple[int, int], str | None]:
+    try:
+        head = storage.read_head(uri)
+        try:
+            return image_size(head), None
+        except ImageDecodeError:  # a header longer than the first bytes (big EXIF): read all
+            return image_size(storage.read_bytes(uri)), None
+    except FileNotFoundError:
+        return (0, 0), f"{role} not found: {uri}"
+    except ImageDecodeError as error:
+        return (0, 0), f"{role} {uri}: {error}"
+    except OSError as error:
+        return (0, 0), f"{role} {uri}: cannot be read ({error})"

@@ -1,0 +1,94 @@
+"""The Fitter in-process (no Ray): outputs, traces, alpha, 16-bit, and every per-job failure."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import TINY_PARAMS, tiny_image, write_png
+
+from pipeline.images import decode_image, encode_png
+from pipeline.manifest import job_from_row
+from pipeline.storage import Storage
+from pipeline.worker import Fitter, WorkerConfig
+
+
+@pytest.fixture
+def fitter(tmp_path) -> Fitter:
+    return Fitter(WorkerConfig(out=str(tmp_path / "out"), device="cpu", sync_every=5))
+
+
+def _job(image: str | None = None, **fields):
+    row = {"id": "j", "task": "denoise", "image": image, "iterations": 10, "params": TINY_PARAMS}
+    return job_from_row({**row, **fields}, 0)
+
+
+def test_denoise_job_writes_png_row_and_trace(fitter, tmp_path):
+    image = write_png(tmp_path / "in.png", tiny_image(0))
+    outcome = fitter.run(_job(image, reference=image, seed=5), attempt=2)
+    row = outcome.row
+    assert row["status"] == "ok" and row["error"] is None, row
+    assert (row["iterations"], row["attempts"], row["seed"], row["device"]) == (10, 2, 5, "cpu")
+    assert row["psnr"] is not None and row["energy"] > 0 and row["seconds"] > 0
+    assert outcome.trace["step"] == list(range(10))
+    assert len(outcome.trace["psnr"]) == 10 and None not in outcome.trace["psnr"]
+    written = decode_image(Storage().read_bytes(row["output"]))
+    assert written.pixels.shape == (3, 24, 24) and written.bit_depth == 8
+
+
+def test_alpha_and_16_bit_pass_through_and_sr_is_hr_size(fitter, tmp_path):
+    alpha = np.tile(np.linspace(0, 1, 16, dtype=np.float32), (16, 1))
+    image = write_png(tmp_path / "in.png", tiny_image(1, 16, 1), alpha, bits=16)
+    row = fitter.run(_job(image, task="super_resolution", scale=2)).row
+    assert row["status"] == "ok", row
+    written = decode_image(Storage().read_bytes(row["output"]))
+    assert written.bit_depth == 16 and written.pixels.shape == (1, 32, 32)
+    assert written.alpha is not None and written.alpha.shape == (32, 32)
+    row = fitter.run(_job(image, id="same-size")).row
+    kept = decode_image(Storage().read_bytes(row["output"])).alpha
+    assert np.abs(kept - alpha).max() < 1e-4  # alpha unchanged
+
+
+def test_inpaint_and_flash_jobs_use_their_companion_files(fitter, tmp_path):
+    image = write_png(tmp_path / "in.png", tiny_image(2))
+    mask = write_png(tmp_path / "m.png", (tiny_image(3, 24, 1) > 0.5).astype(np.float32))
+    assert fitter.run(_job(image, task="inpaint", mask=mask)).row["status"] == "ok"
+    guide = write_png(tmp_path / "flash.png", tiny_image(4, 24, 1))  # grey guide, colour image
+    flash = _job(image, task="flash_no_flash", guide=guide, params='{"channels": 8, "depth": 3}')
+    assert fitter.run(flash).row["status"] == "ok"
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"image": "{tmp}/missing.png"}, "image not found: {tmp}/missing.png"),
+        ({"image": "{tmp}/corrupt.png"}, "not a readable image"),
+        ({"task": "inpaint", "mask": "{tmp}/small.png"}, "is 16x16 pixels, expected 24x24"),
+        ({"task": "flash_no_flash", "guide": "{tmp}/small.png", "params": "{}"}, "guide {tmp}"),
+        ({"reference": "{tmp}/small.png"}, "reference"),
+        ({"task": "upscale"}, "unknown task 'upscale'"),
+        ({"params": '{"lr": "fast"}'}, "lr"),
+        ({"params": "not json"}, "params is not valid JSON"),
+        ({"task": "super_resolution", "scale": 3}, "scale"),
+    ],
+)
+def test_bad_jobs_become_failed_rows_with_clear_errors(fitter, tmp_path, fields, message):
+    good = write_png(tmp_path / "good.png", tiny_image(0))
+    write_png(tmp_path / "small.png", tiny_image(0, 16))
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    fields = {
+        k: v.replace("{tmp}", str(tmp_path)) if k != "scale" else v for k, v in fields.items()
+    }
+    outcome = fitter.run(_job(**{"image": good, **fields}))
+    row = outcome.row
+    assert row["status"] == "failed" and row["attempts"] == 1
+    assert message.replace("{tmp}", str(tmp_path)) in row["error"], row["error"]
+    assert outcome.trace["step"] == [] and row.get("output") is None
+
+
+def test_memory_uris_work_in_process():
+    storage = Storage()
+    storage.write_bytes("memory://w/in.png", encode_png(tiny_image(5)))
+    fitter = Fitter(WorkerConfig(out="memory://w/out", device="cpu"))
+    row = fitter.run(_job("memory://w/in.png")).row
+    assert row["status"] == "ok" and row["output"].startswith("memory://w/out/images/")
+    assert storage.exists(row["output"])
