@@ -3,19 +3,29 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .engine import EngineOptions
 from .ensemble import combine
 from .errors import DipInputError
 from .fit import Callback, FitConfig, FitResult, StepHook, fit
-from .tasks import build_problem
+from .tasks import Problem, build_problem
 
 MAX_ITERATIONS = 1_000_000
 
 
-def restore(
+@dataclass
+class RestorePlan:
+    """A validated job: its problem and one fit configuration per ensemble member."""
+
+    problem: Problem
+    configs: list[FitConfig]
+
+
+def plan_restore(
     task: str,
     observation: torch.Tensor,
     *,
@@ -26,18 +36,10 @@ def restore(
     iterations: int | None = None,
     seed: int = 0,
     params: dict | None = None,
-    device: str | torch.device | None = None,
     feature_net: nn.Module | None = None,
-    callbacks: Sequence[Callback] = (),
     sync_every: int = 50,
-    step_hook: StepHook | None = None,
-) -> FitResult:
-    """Restore one image with Deep Image Prior.
-
-    ``observation`` is the degraded image, (C, H, W) in [0, 1] with C = 1 or 3; ``mask``
-    (H, W), non-zero = known pixel; ``guide`` the flash image; ``scale`` the SR factor;
-    ``reference`` the clean target, used only for PSNR. Raises DipInputError on bad input.
-    """
+) -> RestorePlan:
+    """Validate one job and plan its fits (see ``restore``); raises DipInputError."""
     if iterations is not None and (
         isinstance(iterations, bool)
         or not isinstance(iterations, int)
@@ -50,12 +52,38 @@ def restore(
         task, observation, mask=mask, guide=guide, scale=scale, reference=reference,
         params=params, feature_net=feature_net,
     )  # fmt: skip
-    members = []
-    for member in range(problem.preset.ensemble):
-        config = FitConfig.from_preset(
+    configs = [
+        FitConfig.from_preset(
             problem.preset, iterations, seed + member, sync_every=max(1, sync_every)
         )
-        members.append(
-            fit(problem, config, device=device, callbacks=callbacks, step_hook=step_hook)
-        )
-    return combine(problem, members)
+        for member in range(problem.preset.ensemble)
+    ]
+    return RestorePlan(problem, configs)
+
+
+def restore(
+    task: str,
+    observation: torch.Tensor,
+    *,
+    device: str | torch.device | None = None,
+    callbacks: Sequence[Callback] = (),
+    step_hook: StepHook | None = None,
+    options: EngineOptions | None = None,
+    **job,
+) -> FitResult:
+    """Restore one image with Deep Image Prior.
+
+    ``observation`` is the degraded image, (C, H, W) in [0, 1] with C = 1 or 3; ``mask``
+    (H, W), non-zero = known pixel; ``guide`` the flash image; ``scale`` the SR factor;
+    ``reference`` the clean target, used only for PSNR; ``iterations``, ``seed``, ``params``
+    (preset overrides), ``feature_net`` (pre-image), ``sync_every`` as in ``plan_restore``.
+    An ensemble (params ``ensemble``) fits seeds seed, seed + 1, ... and averages them.
+    Raises DipInputError on bad input.
+    """
+    plan = plan_restore(task, observation, **job)
+    members = [
+        fit(plan.problem, config, device=device, callbacks=callbacks, step_hook=step_hook,
+            options=options)
+        for config in plan.configs
+    ]  # fmt: skip
+    return combine(plan.problem, members)

@@ -154,3 +154,26 @@ class FlatAdam:
         self.m[slot].copy_(state[0])
         self.v[slot].copy_(state[1])
         self.steps[slot].copy_(state[2])
+
+
+def activation_bytes(spec: SkipSpec, height: int, width: int, bytes_per_value: int = 4) -> int:
+    """A rough upper estimate of one fit's training memory at a padded size: every layer's
+    output kept for backward (conv, BN, activation, padding copies) plus its gradient."""
+    values = 0
+    for level in range(spec.depth):
+        here = height * width // 4**level
+        below = here // 4
+        up_in = spec.channels_up[level + 1] if level + 1 < spec.depth else spec.channels_down[level]
+        values += below * spec.channels_down[level] * 2 * 4  # two convs: pad, conv, BN, act
+        values += here * spec.channels_skip[level] * 4
+        values += here * up_in * 2  # upsampled, and its normalised concat share
+        values += here * spec.channels_up[level] * 2 * 4  # k_up conv and the 1x1 conv
+    return 2 * values * bytes_per_value  # activations + their gradients
+
+
+def slots_that_fit(spec: SkipSpec, height: int, width: int, free_bytes: int, limit: int) -> int:
+    """How many packed fits of this bucket fit in ``free_bytes`` (keeping 30% spare)."""
+    per_fit = activation_bytes(spec, height, width) + 16 * sum(
+        p.numel() for p in build_network(spec).parameters()
+    )  # weights, their gradient and two Adam moments
+    return max(1, min(limit, int(0.7 * free_bytes // max(per_fit, 1))))

@@ -22,7 +22,9 @@ from .tasks import Problem
 Callback = Callable[[FitProgress], "bool | None"]
 StepHook = Callable[[int, torch.Tensor], None]  # (step, the slot's flat weights)
 
-__all__ = ["FitConfig", "FitItem", "FitProgress", "FitResult", "fit", "fit_many"]
+__all__ = [
+    "FitConfig", "FitItem", "FitProgress", "FitResult", "PackedRunner", "fit", "fit_many",
+]  # fmt: skip
 
 
 @dataclass
@@ -67,20 +69,58 @@ def fit_many(
     options: EngineOptions | None = None,
 ) -> Iterator[tuple[Any, FitResult]]:
     """Yield (tag, result) for every item, as fits finish (not in input order)."""
-    dev = resolve_device(device)
-    options = options or EngineOptions.fastest_for(dev)
+    runner = PackedRunner(slots, device, options)
     queue = iter(items)
     waiting = next(queue, None)
-    while waiting is not None:
-        pack = _Pack(waiting.problem.spec, slots, dev, options)
-        bucket = waiting.bucket
-        while True:
-            while waiting is not None and waiting.bucket == bucket and pack.has_room():
-                yield from pack.add(waiting)
-                waiting = next(queue, None)
-            if not pack.active:
+    while waiting is not None or runner.busy:
+        while waiting is not None:
+            taken, finished = runner.offer(waiting)
+            yield from finished
+            if not taken:
                 break
-            yield from pack.step()
+            waiting = next(queue, None)
+        yield from runner.step()
+
+
+class PackedRunner:
+    """Packing for a stream of fits: ``offer`` items as they come, ``step`` while busy.
+
+    An item joins the current pack when a slot is free and its bucket matches; an item of
+    another bucket is refused until the pack has drained, and then starts a new pack.
+    ``slots_for`` may shrink a new pack (e.g. to what fits in GPU memory).
+    """
+
+    def __init__(self, slots: int, device=None, options: EngineOptions | None = None,
+                 slots_for: Callable[[FitItem, int], int] | None = None):  # fmt: skip
+        self.max_slots = max(1, slots)
+        self.device = resolve_device(device)
+        self.options = options or EngineOptions.fastest_for(self.device)
+        self.slots_for = slots_for
+        self.pack: _Pack | None = None
+        self.bucket: tuple | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self.pack is not None and bool(self.pack.active)
+
+    def offer(self, item: FitItem) -> tuple[bool, list[tuple[Any, FitResult]]]:
+        """(taken, results of fits that ended at once, e.g. zero iterations)."""
+        if self.busy and (item.bucket != self.bucket or not self.pack.has_room()):
+            return False, []
+        if not self.busy and item.bucket != self.bucket:
+            slots = self.slots_for(item, self.max_slots) if self.slots_for else self.max_slots
+            self.pack = _Pack(item.problem.spec, max(1, slots), self.device, self.options)
+            self.bucket = item.bucket
+        return True, list(self.pack.add(item))
+
+    def step(self) -> list[tuple[Any, FitResult]]:
+        return list(self.pack.step()) if self.busy else []
+
+    def abandon(self) -> list[Any]:
+        """Drop every running fit (after an error in a step); returns their tags."""
+        tags = [] if self.pack is None else [slot.tag for slot in self.pack.active]
+        self.pack, self.bucket = None, None
+        return tags
 
 
 class _Pack:

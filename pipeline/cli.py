@@ -82,10 +82,33 @@ def run_command(
     s3_region: S3Region = None,
     s3_anonymous: S3Anonymous = False,
     s3_profile: S3Profile = None,
+    stop: Annotated[
+        str | None,
+        typer.Option(help="'auto': stop each fit by its output variance; 'fixed': run every step."),
+    ] = None,
+    ensemble: Annotated[
+        int | None, typer.Option(help="Fit M seeds per job and average them.", min=1, max=64)
+    ] = None,
+    fits_per_gpu: Annotated[
+        int,
+        typer.Option(
+            help="Jobs each worker fits at once, packed in one network; 0 = auto "
+            "(4 on a GPU, capped by free memory per image size; 1 on a CPU).",
+            min=0,
+            max=64,
+        ),
+    ] = 0,
     fake_fit_seconds: Annotated[float | None, typer.Option(hidden=True)] = None,
 ) -> None:
-    """Run every job of MANIFEST; results, traces and PNGs go to OUT. Reruns resume."""
+    """Run every job of MANIFEST; results, traces and PNGs go to OUT. Reruns resume.
+
+    --stop and --ensemble apply to every job whose own params do not set them.
+    """
     _setup_logging(quiet)
+    if stop not in (None, "auto", "fixed"):
+        console.print(f"[red]--stop must be 'auto' or 'fixed', got {stop!r}[/]")
+        raise typer.Exit(2)
+    defaults = {k: v for k, v in (("stop", stop), ("ensemble", ensemble)) if v is not None}
     config = RunConfig(
         manifest=manifest,
         out=out,
@@ -103,6 +126,8 @@ def run_command(
         flush_seconds=flush_seconds,
         fake_fit_seconds=fake_fit_seconds,
         show_progress=progress,
+        param_defaults=defaults,
+        fits_per_gpu=fits_per_gpu,
     )
     try:
         summary = run(config, console)

@@ -55,6 +55,8 @@ TRACE_SCHEMA = pa.schema(
         pa.field("step", pa.int32()),
         pa.field("energy", pa.float64()),
         pa.field("psnr", pa.float64()),
+        # Beyond the contract: the stopping rule's statistic (windowed output variance).
+        pa.field("stop_stat", pa.float64()),
     ]
 )
 STATUS_OK = "ok"
@@ -74,7 +76,9 @@ class JobOutcome:
     """What a worker sends back for one job: its result row and its trace (ok jobs only)."""
 
     row: dict[str, Any]
-    trace: dict[str, list] = field(default_factory=lambda: {"step": [], "energy": [], "psnr": []})
+    trace: dict[str, list] = field(
+        default_factory=lambda: {"step": [], "energy": [], "psnr": [], "stop_stat": []}
+    )
     files: dict[str, bytes] = field(default_factory=dict)  # for the driver to write (memory://)
 
     @property
@@ -102,7 +106,9 @@ class ShardWriter:
         row = dict(outcome.row)
         row.setdefault("finished_at", datetime.now(timezone.utc))
         self._rows.append(row)
-        self._traces.append({"id": [row["id"]] * len(outcome.trace["step"]), **outcome.trace})
+        steps = len(outcome.trace["step"])
+        trace = {key: outcome.trace.get(key, [None] * steps) for key in TRACE_SCHEMA.names[1:]}
+        self._traces.append({"id": [row["id"]] * steps, **trace})
         if len(self._rows) >= self.flush_rows or self._due():
             self.flush()
 

@@ -67,6 +67,8 @@ class RunConfig:
     flush_seconds: float = 10.0
     fake_fit_seconds: float | None = None  # benchmark only
     show_progress: bool = True
+    param_defaults: dict = field(default_factory=dict)  # run-wide params (--stop, --ensemble)
+    fits_per_gpu: int = 0  # jobs packed per worker; 0: automatic (4 on CUDA, 1 on a CPU)
 
 
 def run(config: RunConfig, console: Console | None = None) -> RunSummary:
@@ -180,6 +182,8 @@ def _schedule(config, storage, info, prior, summary, console, run_json) -> None:
         sync_every=config.sync_every,
         fake_fit_seconds=config.fake_fit_seconds,
         ship_process_local=True,
+        param_defaults=config.param_defaults,
+        fits_per_device=config.fits_per_gpu,
     )
     view = ProgressView(console, summary.pending, enabled=config.show_progress)
 

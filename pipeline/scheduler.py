@@ -29,9 +29,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
+import torch
 
 from pipeline.manifest import Job
 from pipeline.outputs import JobOutcome
+from pipeline.packing import PackedFitService, PackingConfig
 from pipeline.storage import Storage, is_process_local
 from pipeline.worker import FAULT_KILL_JOB, FAULT_MARKER, Fitter, WorkerConfig, failed_outcome
 
@@ -40,29 +42,49 @@ PROGRESS_POLL_SECONDS = 1.0
 DEATH_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError)
 
 
+AUTO_CUDA_LANES = 4  # --fits-per-gpu auto on a CUDA worker (packing.py caps it by memory)
+
+
+def lanes_for(config: WorkerConfig, auto_cuda: int | None = None) -> int:
+    """Jobs a worker takes at once: --fits-per-gpu, or auto (0): 4 on CUDA, 1 on a CPU.
+    ``auto_cuda`` answers for a process that cannot look at its own device (the driver)."""
+    if config.fits_per_device > 0:
+        return config.fits_per_device
+    if auto_cuda is not None:
+        return auto_cuda
+    uses_cuda = config.device != "cpu" and torch.cuda.is_available()
+    return AUTO_CUDA_LANES if uses_cuda else 1
+
+
 class WorkersKeepDying(RuntimeError):
     """Workers die before finishing anything: the run is stopped rather than spinning."""
 
 
 @ray.remote(max_restarts=0, concurrency_groups={"status": 1})
 class FitActor:
-    """A Fitter in its own process: one job at a time; `progress` answers while it fits."""
+    """Fitters in their own process: one job per lane at a time (one lane unless the worker
+    packs several fits per device); `progress` answers while they fit."""
 
     def __init__(self, config: WorkerConfig, name: str) -> None:
         node = ray.util.get_node_ip_address()
         self.info = {"worker": name, "node": node, "pid": os.getpid(), "gpus": ray.get_gpu_ids()}
-        self.fitter = Fitter(config, worker=name, node=node)
+        lanes = lanes_for(config)
+        self.info["lanes"] = lanes
+        service = None
+        if lanes > 1:
+            service = PackedFitService(PackingConfig(lanes, config.device))
+        self.lanes = [Fitter(config, worker=name, node=node, service=service) for _ in range(lanes)]
 
-    def run(self, job: Job, attempt: int, payload: dict[str, bytes]) -> JobOutcome:
-        return self.fitter.run(job, attempt, payload)
+    def run(self, job: Job, attempt: int, payload: dict[str, bytes], lane: int = 0) -> JobOutcome:
+        return self.lanes[lane].run(job, attempt, payload)
 
     @ray.method(concurrency_group="status")
     def describe(self) -> dict[str, Any]:
         return self.info
 
     @ray.method(concurrency_group="status")
-    def progress(self) -> dict[str, Any]:
-        return self.fitter.progress
+    def progress(self, lane: int = 0) -> dict[str, Any]:
+        return self.lanes[lane].progress
 
 
 @dataclass(frozen=True)
@@ -74,12 +96,17 @@ class PoolSpec:
 
 @dataclass
 class Slot:
+    """One lane of one actor: the unit that holds at most one job."""
+
     name: str
     actor: Any
+    lane: int = 0
     job: Job | None = None
     attempt: int = 0
     ref: Any = None
     live_step: int = 0
+    sent_to: Any = None  # the actor the job went to (lanes share one; it may be replaced)
+    starting: Any = None  # describe() of a replacement actor not yet placed on a node
 
 
 @dataclass
@@ -98,26 +125,33 @@ class Scheduler:
     _last_poll: float = 0.0
 
     def start(self) -> list[dict[str, Any]]:
-        self.slots = [self._new_slot(f"worker-{i}") for i in range(self.pool.workers)]
-        infos = ray.get([slot.actor.describe.remote() for slot in self.slots])
+        actors = [self._new_actor(f"worker-{i}") for i in range(self.pool.workers)]
+        infos = ray.get([actor.describe.remote() for actor in actors])
+        for actor, info in zip(actors, infos, strict=True):
+            name, lanes = info["worker"], info["lanes"]
+            self.slots += [
+                Slot(name if lanes == 1 else f"{name}/{k}", actor, k) for k in range(lanes)
+            ]
         for info in infos:
-            log.info("%s ready on node %s (pid %s, gpus %s)", *info.values())
+            log.info("%s ready on node %s (pid %s, gpus %s, %s lane(s))", *info.values())
         return infos
 
-    def _new_slot(self, name: str) -> Slot:
+    def _new_actor(self, name: str) -> Any:
         options: dict[str, Any] = {
             "num_gpus": self.pool.gpus_per_worker,
             "num_cpus": self.pool.cpus_per_worker,
             "name": None,
+            # One thread per lane for `run`; the "status" group answers besides.
+            "max_concurrency": lanes_for(self.worker_config, AUTO_CUDA_LANES),
         }
         fault_env = {k: os.environ[k] for k in (FAULT_KILL_JOB, FAULT_MARKER) if k in os.environ}
         if fault_env:  # test-only hook; reaches workers of a running cluster too
             options["runtime_env"] = {"env_vars": fault_env}
-        return Slot(name, FitActor.options(**options).remote(self.worker_config, name))
+        return FitActor.options(**options).remote(self.worker_config, name)
 
     def stop(self) -> None:
-        for slot in self.slots:
-            ray.kill(slot.actor, no_restart=True)
+        for actor in {id(slot.actor): slot.actor for slot in self.slots}.values():
+            ray.kill(actor, no_restart=True)
 
     def running(self) -> int:
         return sum(slot.job is not None for slot in self.slots)
@@ -126,10 +160,16 @@ class Scheduler:
         """Feed every job to a free actor until all have an outcome."""
         exhausted = False
         while True:
+            self._check_started()
             exhausted = self._fill(jobs, exhausted)
             busy = {slot.ref: slot for slot in self.slots if slot.job is not None}
             if not busy:
-                return
+                if exhausted and not self.retry:
+                    return
+                starting = [s.starting for s in self.slots if s.starting is not None]
+                if starting:  # every worker lost: wait for a replacement to be placed
+                    ray.wait(starting, num_returns=1, timeout=0.5)
+                continue
             ready, rest = ray.wait(list(busy), num_returns=1, timeout=0.5)
             if ready and rest:  # collect everything else that is already done
                 more, _ = ray.wait(rest, num_returns=len(rest), timeout=0)
@@ -140,7 +180,7 @@ class Scheduler:
 
     def _fill(self, jobs: Iterator[Job], exhausted: bool) -> bool:
         for slot in self.slots:
-            if slot.job is not None:
+            if slot.job is not None or slot.starting is not None:
                 continue
             if self.retry:
                 job, attempt = self.retry.popleft()
@@ -155,8 +195,8 @@ class Scheduler:
         return exhausted
 
     def _submit(self, slot: Slot, job: Job, attempt: int) -> None:
-        slot.job, slot.attempt, slot.live_step = job, attempt, 0
-        slot.ref = slot.actor.run.remote(job, attempt, self._payload(job))
+        slot.job, slot.attempt, slot.live_step, slot.sent_to = job, attempt, 0, slot.actor
+        slot.ref = slot.actor.run.remote(job, attempt, self._payload(job), slot.lane)
         log.info("job %s (%s) -> %s, attempt %d", job.id, job.task, slot.name, attempt)
 
     def _payload(self, job: Job) -> dict[str, bytes]:
@@ -188,15 +228,33 @@ class Scheduler:
         self._deaths_in_a_row += 1
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         log.warning("%s died running job %s (attempt %d): %s", slot.name, job.id, attempt, reason)
-        if self._deaths_in_a_row > 2 * self.pool.workers + self.max_attempts:
+        if self._deaths_in_a_row > 2 * len(self.slots) + self.max_attempts:
             raise WorkersKeepDying(f"workers keep dying without finishing a job: {reason}")
-        ray.kill(slot.actor, no_restart=True)
-        slot.actor = self._new_slot(slot.name).actor
+        if slot.actor is slot.sent_to:  # the first lane to notice replaces the actor for all
+            ray.kill(slot.actor, no_restart=True)
+            dead, replacement = slot.actor, self._new_actor(slot.name.split("/")[0])
+            placed = replacement.describe.remote()
+            for lane in self.slots:
+                if lane.actor is dead:
+                    lane.actor, lane.starting = replacement, placed
         if attempt < self.max_attempts:
             self.retry.append((job, attempt + 1))
             return None
         message = f"the worker process died {attempt} times while running this job ({reason})"
         return failed_outcome(job, message, attempt, slot.name)
+
+    def _check_started(self) -> None:
+        """A replacement takes jobs once placed; until then (its node lost for good, no
+        free GPU) the other workers take the retries, so no job waits for it."""
+        starting = list(
+            {id(s.starting): s.starting for s in self.slots if s.starting is not None}.values()
+        )
+        if not starting:
+            return
+        done, _ = ray.wait(starting, num_returns=len(starting), timeout=0)
+        for slot in self.slots:
+            if slot.starting is not None and slot.starting in done:
+                slot.starting = None
 
     def _poll_progress(self) -> None:
         """Gather answers to earlier progress polls without waiting; send new ones each second."""
@@ -216,5 +274,5 @@ class Scheduler:
             polled = {slot.name for slot, _ in self._polls.values()}
             for slot in self.slots:
                 if slot.job is not None and slot.name not in polled:
-                    self._polls[slot.actor.progress.remote()] = (slot, slot.job.id)
+                    self._polls[slot.actor.progress.remote(slot.lane)] = (slot, slot.job.id)
         self.on_tick(self.running(), sum(s.live_step for s in self.slots if s.job is not None))

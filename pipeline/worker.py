@@ -16,10 +16,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from dip_core import DipInputError, FitProgress, restore
+from dip_core import DipInputError, FitProgress, fit
+from dip_core.api import RestorePlan, plan_restore
+from dip_core.ensemble import combine
+from dip_core.fit import FitItem, FitResult
 from pipeline.images import DecodedImage, ImageDecodeError, decode_image, encode_png, resize_plane
 from pipeline.manifest import Job, job_problems
 from pipeline.outputs import STATUS_FAILED, STATUS_OK, JobOutcome, image_uri
+from pipeline.packing import PackedFitService
 from pipeline.storage import Storage, StorageOptions, is_process_local
 
 # Test-only fault hook: kill this process once, mid-fit, when it runs the named job.
@@ -39,6 +43,9 @@ class WorkerConfig:
     threads: int = 1  # torch CPU threads; 1 keeps small shared machines steady
     sync_every: int = 50  # steps between progress reports (each one syncs the GPU)
     fake_fit_seconds: float | None = None  # benchmark only: sleep instead of fitting
+    # Run-wide params (e.g. from --stop / --ensemble); a job's own params override them.
+    param_defaults: dict[str, Any] = field(default_factory=dict)
+    fits_per_device: int = 0  # jobs a worker takes at once, fits packed (packing.py); 0 auto
     # In a worker process: memory:// inputs arrive with the job, outputs go back to the driver.
     ship_process_local: bool = False
 
@@ -54,8 +61,15 @@ class JobInputs:
 class Fitter:
     """A long-lived fitting worker: holds storage clients and the feature net between jobs."""
 
-    def __init__(self, config: WorkerConfig, worker: str = "local", node: str | None = None):
+    def __init__(
+        self,
+        config: WorkerConfig,
+        worker: str = "local",
+        node: str | None = None,
+        service: PackedFitService | None = None,
+    ):
         self.config = config
+        self.service = service
         self.worker, self.node = worker, node or socket.gethostname()
         self.storage = Storage(config.storage)
         self._feature_net: torch.nn.Module | None = None
@@ -89,7 +103,7 @@ class Fitter:
         inputs = self.load_inputs(job)
         if self.config.fake_fit_seconds is not None:
             return self._fake(job, inputs)
-        result = restore(
+        plan = plan_restore(
             job.task,
             torch.from_numpy(inputs.observation.pixels),
             mask=_tensor(inputs.mask),
@@ -98,22 +112,34 @@ class Fitter:
             reference=_tensor(inputs.reference),
             iterations=job.iterations,
             seed=job.seed,
-            params=job.parsed_params(),
-            device=self.config.device,
+            params={**self.config.param_defaults, **(job.parsed_params() or {})} or None,
             feature_net=self._feature_net_for(job.task),
-            callbacks=[lambda p: self._on_progress(job.id, p)],
             sync_every=self.config.sync_every,
         )
+        result = combine(plan.problem, self._fit_members(job, plan))
         output = self.write_output(job, result.image.numpy(), inputs.observation)
         row = _ok_row(job, output, result.iterations, result.energy, result.psnr, result.device)
         row.update(stopped_at=result.stopped_at, stop_reason=result.stop_reason)
-        psnrs = result.psnrs.tolist() if result.psnrs is not None else None
+        missing = [None] * len(result.steps)
         trace = {
             "step": result.steps.tolist(),
             "energy": result.energies.tolist(),
-            "psnr": psnrs or [None] * len(result.steps),
+            "psnr": missing if result.psnrs is None else result.psnrs.tolist(),
+            "stop_stat": missing if result.stop_stats is None else _finite(result.stop_stats),
         }
         return JobOutcome(row, trace)
+
+    def _fit_members(self, job: Job, plan: RestorePlan) -> list[FitResult]:
+        """The job's fits (one, or one per ensemble member): packed with other jobs' fits
+        when this worker shares a PackedFitService, else one after the other."""
+        callbacks = [lambda p: self._on_progress(job.id, p)]
+        if self.service is not None:
+            items = [FitItem(None, plan.problem, config, callbacks) for config in plan.configs]
+            return self.service.run(items)
+        return [
+            fit(plan.problem, config, device=self.config.device, callbacks=callbacks)
+            for config in plan.configs
+        ]
 
     def _on_progress(self, job_id: str, progress: FitProgress) -> bool:
         self.progress = {
@@ -131,7 +157,7 @@ class Fitter:
         _maybe_die(job.id)
         output = self.write_output(job, inputs.observation.pixels, inputs.observation)
         row = _ok_row(job, output, 0, 0.0, None, "fake")
-        return JobOutcome(row, {"step": [0], "energy": [0.0], "psnr": [None]})
+        return JobOutcome(row, {"step": [0], "energy": [0.0], "psnr": [None], "stop_stat": [None]})
 
     def _feature_net_for(self, task: str) -> torch.nn.Module | None:
         if task != "preimage":
@@ -253,3 +279,8 @@ def _maybe_die(job_id: str) -> None:
     except FileExistsError:
         return
     os._exit(1)
+
+
+def _finite(values: torch.Tensor) -> list[float | None]:
+    """NaN (the stopping window not yet full) becomes null in the trace."""
+    return [v if v == v else None for v in values.tolist()]

@@ -87,7 +87,10 @@ def _pod_templates() -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
-@pytest.mark.parametrize(("name", "template"), _pod_templates(), ids=[n for n, _ in _pod_templates()])
+POD_TEMPLATES = _pod_templates()
+
+
+@pytest.mark.parametrize(("name", "template"), POD_TEMPLATES, ids=[n for n, _ in POD_TEMPLATES])
 def test_pod_templates_validate_as_core_pod_templates(name: str, template: dict[str, Any]):
     # The pod templates are most of the RayJob / RayCluster: checked against the core
     # PodTemplate schema here, so a fresh clone without ../shared still validates them.
@@ -230,7 +233,7 @@ def test_ray_version_is_the_pinned_one():
 
 def test_pods_refer_to_the_secret_and_service_account_defined_here():
     names = {doc["kind"]: doc["metadata"]["name"] for _, doc in CORE_DOCS}
-    for name, template in _pod_templates():
+    for name, template in POD_TEMPLATES:
         pod = template["spec"]
         assert pod["serviceAccountName"] == names["ServiceAccount"], name
         for c in pod["containers"]:

@@ -249,6 +249,7 @@ def _traces(ids, psnr, no_ref, steps) -> pa.Table:
         "psnr": pa.array(
             np.repeat(psnr, steps) * (1 - np.exp(-step / 5)), mask=np.repeat(no_ref, steps)
         ),
+        "stop_stat": pa.nulls(len(step), pa.float64()),
     }
     return pa.table(columns, schema=TRACE_SCHEMA)
 
