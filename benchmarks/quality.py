@@ -67,8 +67,8 @@ def run_seed(case: Case, params: dict, iterations: int | None, seed: int, args):
         case.task, case.observation, mask=case.mask, guide=case.guide, scale=case.scale,
         reference=case.reference, params=params, feature_net=case.feature_net,
     )  # fmt: skip
-    rule = StopRule(args.stop_window, args.stop_patience)
     config = FitConfig.from_preset(problem.preset, iterations, seed, sync_every=100)
+    rule = StopRule.for_averaging(args.stop_window, args.stop_patience, config.exp_weight)
     config = FitConfig(**{**config.__dict__, "stop": rule, "stop_enforced": False})
     return fit(problem, config, device=args.device)
 
@@ -82,6 +82,8 @@ def evaluate(case: Case, args) -> Row:
     results = [run_seed(case, params, iterations, s, args) for s in range(args.seeds)]
     fixed = [metric(case, r.image) for r in results]
     autos = [offline_stop(r.stop_stats, args.stop_patience) for r in results]
+    delay = StopRule.for_averaging(1, args.stop_patience, preset.exp_weight).result_delay
+    autos = [None if a is None else (min(a[0] + delay, a[1]), a[1]) for a in autos]
     auto_psnr = oracle = None
     if case.reference is not None and results[0].psnrs is not None:
         auto_psnr = mean([r.psnrs[a[0]].item() if a else r.psnrs[-1].item()

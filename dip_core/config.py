@@ -28,7 +28,9 @@ class FitConfig:
         steps = preset.iterations if iterations is None else iterations
         rule = None
         if preset.stop == "auto":
-            rule = StopRule(preset.stop_window, preset.stop_patience)
+            rule = StopRule.for_averaging(
+                preset.stop_window, preset.stop_patience, preset.exp_weight
+            )
         return cls(steps, preset.lr, preset.reg_noise_std, preset.exp_weight, seed, stop=rule, **kw)
 
 

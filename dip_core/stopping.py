@@ -19,8 +19,17 @@ MAX_TRACKED_VALUES = 1 << 20  # larger outputs are subsampled to bound the windo
 
 @dataclass(frozen=True)
 class StopRule:
-    window: int = 100
-    patience: int = 500
+    window: int = 50
+    patience: int = 300
+    # Steps after the lowest variance at which the result is taken. An exponential average
+    # of the outputs lags the raw outputs by about 1 / (1 - weight) steps, so averaging
+    # tasks take their result that much later (always before the rule fires).
+    result_delay: int = 0
+
+    @classmethod
+    def for_averaging(cls, window: int, patience: int, exp_weight: float) -> StopRule:
+        delay = round(1 / (1 - exp_weight)) if exp_weight > 0 else 0
+        return cls(window, patience, min(delay, max(patience - 1, 0)))
 
 
 class VarianceStopper:
@@ -37,6 +46,7 @@ class VarianceStopper:
         self.count = 0
         self.best_variance = torch.tensor(float("inf"), dtype=torch.float64, device=device)
         self.best_step = torch.tensor(-1, device=device)
+        self.capture_step = torch.tensor(-1, device=device)
         self.best_image = torch.zeros_like(example)
 
     def _sample(self, x: torch.Tensor) -> torch.Tensor:
@@ -61,10 +71,10 @@ class VarianceStopper:
         variance = (self.sum_squares / n - ((self.sum / n) ** 2).sum()) / sample.numel()
         better = variance < self.best_variance
         self.best_variance = torch.where(better, variance, self.best_variance)
-        self.best_step = torch.where(
-            better, torch.tensor(step, device=output.device), self.best_step
-        )
-        self.best_image = torch.where(better, result, self.best_image)
+        now = torch.tensor(step, device=output.device)
+        self.best_step = torch.where(better, now, self.best_step)
+        self.capture_step = torch.where(better, now + self.rule.result_delay, self.capture_step)
+        self.best_image = torch.where(self.capture_step == now, result, self.best_image)
         return variance
 
     def should_stop(self, steps_done: int) -> bool:
@@ -73,7 +83,8 @@ class VarianceStopper:
         return best >= 0 and steps_done - 1 - best >= self.rule.patience
 
     def chosen_step(self) -> int:
-        return int(self.best_step)
+        """The step whose result is kept: the lowest variance, plus the result delay."""
+        return int(self.best_step) + self.rule.result_delay
 
     def forget_from(self, step: int) -> None:
         """After a rollback to ``step``: empty the window, and drop a best found after it."""

@@ -71,3 +71,17 @@ def test_ensemble_averages_members_with_consecutive_seeds():
     combined = restore("denoise", noisy, iterations=15, seed=4, params={**SMALL, "ensemble": 2})
     torch.testing.assert_close(combined.image, (members[0].image + members[1].image) / 2)
     assert combined.iterations == 30
+
+
+def test_a_result_delay_keeps_the_result_that_many_steps_after_the_minimum():
+    stopper = VarianceStopper(
+        StopRule(window=2, patience=3, result_delay=1), torch.zeros(1, 1, 1, 1)
+    )
+    moves = [0.0, 1.0, 1.1, 1.15, 3.0, 6.0, 10.0]  # lowest variance at step 3
+    for step, level in enumerate(moves):
+        frame = torch.full((1, 1, 1, 1), level)
+        stopper.update(step, frame, frame + 100)
+    assert stopper.chosen_step() == 4
+    assert stopper.best_image.item() == pytest.approx(103.0)
+    assert StopRule.for_averaging(50, 300, 0.99).result_delay == 100
+    assert StopRule.for_averaging(50, 30, 0.99).result_delay == 29  # always before firing
