@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 # A single thread keeps torch steady on small, shared machines (OpenMP spinning stalls 2-core boxes).
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install install-test demo test lint format clean
+.PHONY: install demo test lint format clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)

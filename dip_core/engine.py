@@ -52,7 +52,14 @@ def seeded_network(spec: SkipSpec, seed: int) -> nn.Module:
 
 
 class PackedNetwork:
-    """K slots of one SkipSpec; slot k's weights are row k of ``flat``."""
+    """K slots of one SkipSpec, their weights in one flat buffer.
+
+    The buffer is parameter-major: parameter i of every slot forms one contiguous (K, ...)
+    block. Each block is exposed as a leaf tensor that shares the buffer's memory, and its
+    ``.grad`` is a view of one flat gradient buffer, so backward accumulates in place and
+    the optimiser works on two flat tensors (slicing one parameter tensor per layer out of
+    a flat leaf would cost a full-size gradient copy per layer in backward).
+    """
 
     def __init__(self, spec: SkipSpec, slots: int, device: torch.device, options: EngineOptions):
         self.spec, self.slots, self.device, self.options = spec, slots, device, options
@@ -61,9 +68,17 @@ class PackedNetwork:
         self.shapes = [p.shape for _, p in template.named_parameters()]
         self.sizes = [math.prod(s) for s in self.shapes]
         self.dtype = torch.float64 if options.float64 else torch.float32
-        self.flat = torch.zeros(
-            slots, sum(self.sizes), device=device, dtype=self.dtype, requires_grad=True
-        )
+        total = slots * sum(self.sizes)
+        self.flat = torch.zeros(total, device=device, dtype=self.dtype)
+        self.flat_grad = torch.zeros_like(self.flat)
+        self.params: dict[str, torch.Tensor] = {}
+        offset = 0
+        for name, shape, size in zip(self.names, self.shapes, self.sizes, strict=True):
+            block = slice(offset, offset + slots * size)
+            leaf = self.flat[block].view(slots, *shape).detach().requires_grad_()
+            leaf.grad = self.flat_grad[block].view(slots, *shape)
+            self.params[name] = leaf
+            offset += slots * size
         self.module = copy.deepcopy(template).to(device, self.dtype)
         if options.channels_last:
             self.module = self.module.to(memory_format=torch.channels_last)
@@ -72,32 +87,41 @@ class PackedNetwork:
             options.compile
         ) else self._call  # fmt: skip
 
+    def slot_views(self, slot: int) -> list[torch.Tensor]:
+        """Slot ``slot``'s parameters, as views into the flat buffer."""
+        return [leaf.detach()[slot] for leaf in self.params.values()]
+
+    def slot_weights(self, slot: int) -> torch.Tensor:
+        return torch.cat([view.reshape(-1) for view in self.slot_views(slot)])
+
+    @torch.no_grad()
+    def set_slot_weights(self, slot: int, weights: torch.Tensor) -> None:
+        offset = 0
+        for view, size in zip(self.slot_views(slot), self.sizes, strict=True):
+            view.copy_(weights[offset : offset + size].view_as(view))
+            offset += size
+
     def load_slot(self, slot: int, seed: int) -> None:
         weights = torch.cat(
             [p.detach().reshape(-1) for p in seeded_network(self.spec, seed).parameters()]
         )
-        with torch.no_grad():
-            self.flat[slot].copy_(weights.to(self.device, self.dtype))
+        self.set_slot_weights(slot, weights.to(self.device, self.dtype))
 
-    def _params(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Views of ``flat`` shaped as the module's parameters (with a leading slot axis)."""
-        out, offset = {}, 0
-        for name, shape, size in zip(self.names, self.shapes, self.sizes, strict=True):
-            out[name] = flat[..., offset : offset + size].reshape(*flat.shape[:-1], *shape)
-            offset += size
-        return out
+    def zero_grad(self) -> None:
+        self.flat_grad.zero_()
 
-    def _call_one(self, flat_row: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def _call_one(self, params: dict[str, torch.Tensor], z: torch.Tensor) -> torch.Tensor:
         if self.options.checkpointing:
             return torch.utils.checkpoint.checkpoint(
-                functional_call, self.module, self._params(flat_row), (z,), use_reentrant=False
+                functional_call, self.module, params, (z,), use_reentrant=False
             )
-        return functional_call(self.module, self._params(flat_row), (z,))
+        return functional_call(self.module, params, (z,))
 
-    def _call(self, flat: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def _call(self, params: dict[str, torch.Tensor], z: torch.Tensor) -> torch.Tensor:
         if self.slots == 1:
-            return self._call_one(flat[0], z[0]).unsqueeze(0)
-        return vmap(self._call_one)(flat, z)
+            first = {name: leaf[0] for name, leaf in params.items()}
+            return self._call_one(first, z[0]).unsqueeze(0)
+        return vmap(self._call_one)(params, z)
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
         """(K, 1, C, H, W) inputs -> (K, 1, C_out, H, W) outputs."""
@@ -105,28 +129,45 @@ class PackedNetwork:
         if self.options.channels_last and self.slots == 1:
             z = z.contiguous(memory_format=torch.channels_last) if z.dim() == 4 else z
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.options.bf16):
-            out = self._forward(self.flat, z)
+            out = self._forward(self.params, z)
         return out.float() if out.dtype == torch.bfloat16 else out
 
 
 class FlatAdam:
-    """Adam over the (K, P) weights with per-slot learning rates and step counts.
+    """Adam over a packed network's flat buffer, with per-slot learning rates and steps.
 
     The arithmetic follows torch.optim.Adam (lerp for the first moment, bias corrections,
-    ``param -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)``).
+    ``param -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)``); per-slot factors are spread
+    over the parameter-major buffer with one ``repeat_interleave``.
     """
 
-    def __init__(self, flat: torch.Tensor, betas=(0.9, 0.999), eps: float = 1e-8) -> None:
-        self.flat, (self.beta1, self.beta2), self.eps = flat, betas, eps
-        self.m = torch.zeros_like(flat, requires_grad=False)
-        self.v = torch.zeros_like(flat, requires_grad=False)
-        self.steps = torch.zeros(flat.shape[0], 1, device=flat.device)
-        self.lr = torch.zeros(flat.shape[0], 1, device=flat.device)
-        self.active = torch.zeros(flat.shape[0], 1, device=flat.device)
+    def __init__(self, net: PackedNetwork, betas=(0.9, 0.999), eps: float = 1e-8) -> None:
+        self.net, (self.beta1, self.beta2), self.eps = net, betas, eps
+        self.flat, self.grad = net.flat, net.flat_grad
+        self.m = torch.zeros_like(self.flat)
+        self.v = torch.zeros_like(self.flat)
+        k, device = net.slots, self.flat.device
+        self.steps = torch.zeros(k, device=device, dtype=self.flat.dtype)
+        self.lr = torch.zeros(k, device=device, dtype=self.flat.dtype)
+        self.active = torch.zeros(k, device=device, dtype=self.flat.dtype)
+        self.repeats = torch.tensor(net.sizes, device=device).repeat_interleave(k)
+        self.blocks = len(net.sizes)
+
+    def _per_element(self, per_slot: torch.Tensor) -> torch.Tensor:
+        return torch.repeat_interleave(
+            per_slot.repeat(self.blocks), self.repeats, output_size=self.flat.numel()
+        )
+
+    def _slot_views(self, tensor: torch.Tensor, slot: int) -> list[torch.Tensor]:
+        views, offset, k = [], 0, self.net.slots
+        for size in self.net.sizes:
+            views.append(tensor[offset : offset + k * size].view(k, size)[slot])
+            offset += k * size
+        return views
 
     def reset_slot(self, slot: int, lr: float) -> None:
-        self.m[slot].zero_()
-        self.v[slot].zero_()
+        for view in self._slot_views(self.m, slot) + self._slot_views(self.v, slot):
+            view.zero_()
         self.steps[slot] = 0
         self.lr[slot] = lr
         self.active[slot] = 1
@@ -136,24 +177,27 @@ class FlatAdam:
 
     @torch.no_grad()
     def step(self) -> None:
-        grad = self.flat.grad
         self.steps += self.active
         steps = self.steps.clamp_min(1)
-        step_size = self.lr / (1 - self.beta1**steps) * self.active
-        bc2_sqrt = (1 - self.beta2**steps).sqrt()
-        self.m.lerp_(grad, 1 - self.beta1)
-        self.v.mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
+        step_size = self._per_element(self.lr / (1 - self.beta1**steps) * self.active)
+        bc2_sqrt = self._per_element((1 - self.beta2**steps).sqrt())
+        self.m.lerp_(self.grad, 1 - self.beta1)
+        self.v.mul_(self.beta2).addcmul_(self.grad, self.grad, value=1 - self.beta2)
         denom = (self.v.sqrt() / bc2_sqrt).add_(self.eps)
         self.flat.sub_(step_size * (self.m / denom))
-        self.flat.grad = None
 
     def state(self, slot: int) -> tuple[torch.Tensor, ...]:
-        return (self.m[slot].clone(), self.v[slot].clone(), self.steps[slot].clone())
+        m = torch.cat(self._slot_views(self.m, slot))
+        v = torch.cat(self._slot_views(self.v, slot))
+        return (m, v, self.steps[slot].clone())
 
     def load_state(self, slot: int, state: tuple[torch.Tensor, ...]) -> None:
-        self.m[slot].copy_(state[0])
-        self.v[slot].copy_(state[1])
-        self.steps[slot].copy_(state[2])
+        for tensor, saved in ((self.m, state[0]), (self.v, state[1])):
+            offset = 0
+            for view in self._slot_views(tensor, slot):
+                view.copy_(saved[offset : offset + view.numel()])
+                offset += view.numel()
+        self.steps[slot] = state[2]
 
 
 def activation_bytes(spec: SkipSpec, height: int, width: int, bytes_per_value: int = 4) -> int:

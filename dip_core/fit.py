@@ -20,7 +20,7 @@ from .slot import FitSlot
 from .tasks import Problem
 
 Callback = Callable[[FitProgress], "bool | None"]
-StepHook = Callable[[int, torch.Tensor], None]  # (step, the slot's flat weights)
+StepHook = Callable[[int, list[torch.Tensor]], None]  # (step, views of the slot's weights)
 
 __all__ = [
     "FitConfig", "FitItem", "FitProgress", "FitResult", "PackedRunner", "fit", "fit_many",
@@ -127,7 +127,7 @@ class _Pack:
     def __init__(self, spec, slots: int, device: torch.device, options: EngineOptions):
         self.device = device
         self.net = PackedNetwork(spec, slots, device, options)
-        self.adam = FlatAdam(self.net.flat)
+        self.adam = FlatAdam(self.net)
         self.slots: list[FitSlot | None] = [None] * slots
         self.idle_input: torch.Tensor | None = None
 
@@ -154,6 +154,7 @@ class _Pack:
         inputs = [s.network_input(self.net) if s else self.idle_input for s in self.slots]
         out = self.net(torch.stack(inputs))
         energies = [s.energy(out[s.index]) for s in self.active]
+        self.net.zero_grad()
         torch.stack(energies).sum().backward()
         self.adam.step()
         for slot, energy in zip(self.active, energies, strict=True):

@@ -26,13 +26,12 @@ class _Checkpoint:
 
     def __init__(self, slot: FitSlot, net: PackedNetwork, adam: FlatAdam) -> None:
         self.step = slot.step
-        self.weights = net.flat[slot.index].detach().clone()
+        self.weights = net.slot_weights(slot.index)
         self.adam = adam.state(slot.index)
         self.average = None if slot.average is None else slot.average.clone()
 
     def restore(self, slot: FitSlot, net: PackedNetwork, adam: FlatAdam) -> None:
-        with torch.no_grad():
-            net.flat[slot.index].copy_(self.weights)
+        net.set_slot_weights(slot.index, self.weights)
         adam.load_state(slot.index, self.adam)
         slot.average = None if self.average is None else self.average.clone()
         slot.step = self.step
@@ -77,7 +76,7 @@ class FitSlot:
 
     def network_input(self, net: PackedNetwork) -> torch.Tensor:
         if self.step_hook is not None:
-            self.step_hook(self.step, net.flat[self.index])
+            self.step_hook(self.step, net.slot_views(self.index))
         return jittered(self.z, self.config.reg_noise_std, self.generator)
 
     def energy(self, padded_output: torch.Tensor) -> torch.Tensor:

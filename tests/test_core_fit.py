@@ -82,26 +82,29 @@ def test_checkpoint_restores_a_slots_weights_and_adam_state():
     problem = build_problem("denoise", noisy, params=SMALL)
     cpu = torch.device("cpu")
     net = PackedNetwork(problem.spec, 2, cpu, EngineOptions())
-    adam = FlatAdam(net.flat)
+    adam = FlatAdam(net)
     slot = FitSlot(None, problem, FitConfig(10, 0.01, 0.0, 0.0), 1, cpu, ((), None))
     slot.start(net, adam)
 
     def one_step():
         out = net(torch.stack([torch.zeros_like(slot.z), slot.network_input(net)]))
         energy = slot.energy(out[1])
+        net.zero_grad()
         energy.backward()
         adam.step()
         slot.record(out[1].detach(), energy.detach())
 
     one_step()
     saved = _Checkpoint(slot, net, adam)
-    weights, moment, steps = net.flat[1].detach().clone(), adam.m[1].clone(), adam.steps[1].item()
+    weights, moment, steps = net.slot_weights(1), adam.state(1)[0], adam.steps[1].item()
+    untouched = net.slot_weights(0)
     for _ in range(3):
         one_step()
-    assert not torch.equal(net.flat[1], weights)
+    assert not torch.equal(net.slot_weights(1), weights)
     saved.restore(slot, net, adam)
-    assert torch.equal(net.flat[1], weights) and torch.equal(adam.m[1], moment)
+    assert torch.equal(net.slot_weights(1), weights) and torch.equal(adam.state(1)[0], moment)
     assert adam.steps[1].item() == steps == 1 and slot.step == 1
+    assert torch.equal(net.slot_weights(0), untouched)  # the idle slot never moved
 
 
 def test_a_diverged_window_is_rolled_back_and_the_fit_recovers():
@@ -114,7 +117,8 @@ def test_a_diverged_window_is_rolled_back_and_the_fit_recovers():
         if step == 70 and not corrupted:
             corrupted.append(step)
             with torch.no_grad():
-                weights.mul_(-30.0)
+                for w in weights:
+                    w.mul_(-30.0)
 
     healthy = fit(problem, config)
     recovered = fit(build_problem("denoise", noisy, reference=clean, params=SMALL), config,

@@ -25,31 +25,47 @@ def test_packed_outputs_and_gradients_equal_separate_networks_in_float64():
         net.load_slot(slot, seed)
     z = torch.rand(3, 1, 4, 16, 16, dtype=torch.float64)
     packed = net(z).double()
+    net.zero_grad()
     packed.sum().backward()
+    packed_grads = {name: leaf.grad for name, leaf in net.params.items()}
+    for name, leaf in net.params.items():  # backward accumulated into the flat buffer
+        assert leaf.grad.data_ptr() == packed_grads[name].data_ptr()
+    assert net.flat_grad.abs().sum() > 0
     for slot, seed in enumerate(seeds):
         lone = seeded_network(problem.spec, seed).double()
         out = lone(z[slot])
         out.sum().backward()
         assert torch.equal(packed[slot], out), "forward must be bit-exact in float64"
-        grads = torch.cat([p.grad.reshape(-1) for p in lone.parameters()])
-        torch.testing.assert_close(net.flat.grad[slot], grads, rtol=1e-12, atol=1e-12)
+        for leaf, p in zip(net.params.values(), lone.parameters(), strict=True):
+            torch.testing.assert_close(leaf.grad[slot], p.grad, rtol=1e-12, atol=1e-12)
 
 
-def test_flat_adam_matches_torch_adam():
-    weights = torch.rand(1, 6, generator=torch.Generator().manual_seed(0))
-    flat = weights.clone().requires_grad_()
-    ours = FlatAdam(flat)
+def test_flat_adam_matches_torch_adam_per_slot():
+    """Two slots, the second started later: each follows torch's Adam from its own start."""
+    problem = build_problem("denoise", images(1)[0], params=SMALL)
+    net = PackedNetwork(problem.spec, 2, CPU, EngineOptions(float64=True))
+    ours = FlatAdam(net)
+    lone = [seeded_network(problem.spec, seed).double() for seed in (0, 1)]
+    theirs = [torch.optim.Adam(n.parameters(), lr=0.01, foreach=False) for n in lone]
+    net.load_slot(0, 0)
     ours.reset_slot(0, lr=0.01)
-    reference = weights[0].clone().requires_grad_()
-    theirs = torch.optim.Adam([reference], lr=0.01, foreach=False)
-    for step in range(5):
-        target = torch.full((6,), float(step))
-        ((flat[0] - target) ** 2).sum().backward()
+    z = torch.rand(2, 1, 4, 16, 16, generator=torch.Generator().manual_seed(1)).double()
+    for step in range(6):
+        if step == 2:  # slot 1 joins: refilled in place with its own step count
+            net.load_slot(1, 1)
+            ours.reset_slot(1, lr=0.01)
+        live = [0] if step < 2 else [0, 1]
+        out = net(z)
+        net.zero_grad()
+        sum(out[k].square().mean() for k in live).backward()
         ours.step()
-        theirs.zero_grad()
-        ((reference - target) ** 2).sum().backward()
-        theirs.step()
-    torch.testing.assert_close(flat[0], reference, rtol=1e-6, atol=1e-7)
+        for k in live:
+            theirs[k].zero_grad()
+            lone[k](z[k]).square().mean().backward()
+            theirs[k].step()
+    for k in (0, 1):
+        expected = torch.cat([p.detach().reshape(-1) for p in lone[k].parameters()])
+        torch.testing.assert_close(net.slot_weights(k), expected, rtol=1e-9, atol=1e-9)
 
 
 def test_fit_many_equals_lone_fits_and_refills_slots():
