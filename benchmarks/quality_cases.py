@@ -118,7 +118,10 @@ def random_pixels(data: Path, size: int) -> Case:
 
 
 def super_resolution(data: Path, size: int, factor: int) -> Case:
-    hr_image = load(data / "sr/zebra_GT.png", size, multiple=factor)
+    # At small sizes the HR image is twice --size: x4 of a 64 px image would leave a
+    # 16 px input, too little to judge anything by.
+    hr_size = 2 * size
+    hr_image = load(data / "sr/zebra_GT.png", hr_size, multiple=factor)
     lr_image = hr_image.resize((hr_image.width // factor, hr_image.height // factor),
                                Image.LANCZOS)  # fmt: skip
     hr, lr = to_tensor(hr_image), to_tensor(lr_image)

@@ -15,9 +15,14 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from pipeline.folder import FolderSpec, build_from_folder
+from pipeline.images import DEFAULT_MAX_PIXELS
+from pipeline.lock import DEFAULT_STALE_SECONDS, OutLockedError
 from pipeline.manifest import ManifestError
+from pipeline.outputs import OutputWriteError
 from pipeline.progress import errors_table, summary_table
+from pipeline.retry import StorageUnavailableError
 from pipeline.runner import RunConfig, RunError, run
+from pipeline.safetext import PrintableLogFilter, for_console
 from pipeline.scheduler import WorkersKeepDying
 from pipeline.storage import Storage, StorageOptions
 from pipeline.validate import validate_manifest
@@ -35,25 +40,35 @@ S3Endpoint = Annotated[
 S3Region = Annotated[str | None, typer.Option(help="S3 region (default: $AWS_REGION).")]
 S3Anonymous = Annotated[bool, typer.Option(help="Unsigned S3 requests (public buckets).")]
 S3Profile = Annotated[str | None, typer.Option(help="AWS profile (default: $AWS_PROFILE).")]
+MaxPixels = Annotated[
+    int,
+    typer.Option(
+        help="Refuse images whose header declares more pixels than this, before decoding "
+        "them (decompression bombs).",
+        min=1,
+    ),
+]
 
 
-def _storage_options(endpoint, region, anonymous, profile) -> StorageOptions:
+def _storage_options(endpoint, region, anonymous, profile, **extra) -> StorageOptions:
     return StorageOptions.from_env(
-        endpoint_url=endpoint, region=region, anonymous=anonymous, profile=profile
+        endpoint_url=endpoint, region=region, anonymous=anonymous, profile=profile, **extra
     )
 
 
 def _setup_logging(quiet: bool) -> None:
     logger = logging.getLogger("dippipe")
-    logger.handlers = [RichHandler(console=console, show_path=False, rich_tracebacks=False)]
+    handler = RichHandler(console=console, show_path=False, rich_tracebacks=False)
+    handler.addFilter(PrintableLogFilter())  # ids and URIs come from users: no escapes
+    logger.handlers = [handler]
     logger.setLevel(logging.WARNING if quiet else logging.INFO)
     logger.propagate = False
 
 
 def _manifest_failed(error: ManifestError) -> None:
-    console.print(f"[red]manifest rejected, nothing was run:[/] {error.uri}")
+    console.print(f"[red]manifest rejected, nothing was run:[/] {for_console(error.uri)}")
     for problem in error.problems:
-        console.print(f"  - {problem}")
+        console.print(f"  - {for_console(problem, None)}")
     raise typer.Exit(2)
 
 
@@ -98,6 +113,21 @@ def run_command(
             max=64,
         ),
     ] = 0,
+    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
+    io_retries: Annotated[
+        int | None,
+        typer.Option(
+            help="Retries of a storage operation after a transient error (connection, "
+            "timeout, S3 5xx), with exponential backoff (default: $DIPPIPE_IO_RETRIES or 5).",
+            min=0,
+        ),
+    ] = None,
+    force_unlock: Annotated[
+        bool, typer.Option(help="Take OUT's lock even if another run seems to hold it.")
+    ] = False,
+    stale_lock_seconds: Annotated[
+        float, typer.Option(help="Take over OUT's lock after this long without a heartbeat.")
+    ] = DEFAULT_STALE_SECONDS,
     fake_fit_seconds: Annotated[float | None, typer.Option(hidden=True)] = None,
 ) -> None:
     """Run every job of MANIFEST; results, traces and PNGs go to OUT. Reruns resume.
@@ -118,7 +148,9 @@ def run_command(
         address=address,
         retry_failed=retry_failed,
         max_attempts=max(1, max_attempts),
-        storage=_storage_options(s3_endpoint_url, s3_region, s3_anonymous, s3_profile),
+        storage=_storage_options(
+            s3_endpoint_url, s3_region, s3_anonymous, s3_profile, retries=io_retries
+        ),
         device=device,
         threads=threads,
         sync_every=max(1, sync_every),
@@ -128,6 +160,9 @@ def run_command(
         show_progress=progress,
         param_defaults=defaults,
         fits_per_gpu=fits_per_gpu,
+        max_pixels=max_pixels,
+        force_unlock=force_unlock,
+        stale_lock_seconds=stale_lock_seconds,
     )
     try:
         summary = run(config, console)
@@ -135,6 +170,9 @@ def run_command(
         _manifest_failed(error)
     except (RunError, WorkersKeepDying) as error:
         console.print(f"[red]run stopped:[/] {error}")
+        raise typer.Exit(2) from None
+    except (OutLockedError, OutputWriteError, StorageUnavailableError) as error:
+        console.print(f"[red]run stopped:[/] {for_console(error, None)}")
         raise typer.Exit(2) from None
     console.print(summary_table(summary, out))
     if summary.errors:
@@ -149,16 +187,17 @@ def validate_command(
     s3_region: S3Region = None,
     s3_anonymous: S3Anonymous = False,
     s3_profile: S3Profile = None,
+    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
 ) -> None:
     """Check schema, ids, tasks, params, that every file exists and that sizes match."""
     options = _storage_options(s3_endpoint_url, s3_region, s3_anonymous, s3_profile)
-    report = validate_manifest(Storage(options), manifest)
+    report = validate_manifest(Storage(options), manifest, max_pixels=max_pixels)
     for problem in report.manifest_problems:
-        console.print(f"[red]manifest:[/] {problem}")
+        console.print(f"[red]manifest:[/] {for_console(problem, None)}")
     for warning in report.warnings:
-        console.print(f"[yellow]warning:[/] {warning}")
+        console.print(f"[yellow]warning:[/] {for_console(warning, None)}")
     for row, job_id, problem in report.job_problems:
-        console.print(f"[red]row {row} ({job_id}):[/] {problem}")
+        console.print(f"[red]row {row} ({for_console(job_id)}):[/] {for_console(problem, None)}")
     if report.ok:
         console.print(f"[green]{manifest}: {report.rows} jobs, no problems[/]")
         return

@@ -4,6 +4,13 @@ Pillow handles every 8-bit format and 16-bit greyscale, but it silently reduces 
 PNGs to 8 bits and cannot write them at all, so 16-bit PNGs go through pypng (a small
 pure-Python codec) both ways. Alpha is split off on read and handed back unchanged on write:
 the method restores colour, never transparency.
+
+Decompression bombs: a few kilobytes can declare a gigapixel image. The declared size is read
+from the header and compared with ``max_pixels`` before any pixel is decoded (the user can
+raise the limit: ``--max-pixels``). This check replaces Pillow's process-wide
+``Image.MAX_IMAGE_PIXELS`` (a warning, then an error at twice the value), which is switched off
+here so that a raised limit works; every untrusted image in the pipeline goes through
+:func:`decode_image` or :func:`image_size`, which apply ours.
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ import png
 from PIL import Image, UnidentifiedImageError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+DEFAULT_MAX_PIXELS = 100_000_000  # a 10,000 x 10,000 scan; --max-pixels raises it
+Image.MAX_IMAGE_PIXELS = None  # ours instead (see the module docstring)
 
 
 class ImageDecodeError(ValueError):
@@ -43,28 +52,59 @@ def png_bit_depth(data: bytes) -> int | None:
     return None
 
 
-def image_size(head: bytes) -> tuple[int, int]:
+def check_pixels(size: tuple[int, int], max_pixels: int | None) -> None:
+    """Refuse a declared (width, height) above the limit, before anything is decoded."""
+    width, height = size
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageDecodeError(
+            f"declares {width}x{height} = {width * height:,} pixels, more than the limit of "
+            f"{max_pixels:,} (a decompression bomb?); raise it with --max-pixels if it is real"
+        )
+
+
+def image_size(head: bytes, max_pixels: int | None = None) -> tuple[int, int]:
     """(width, height) from the first bytes of a file; reads the header only."""
     try:
         with Image.open(io.BytesIO(head)) as image:
-            return image.size
+            size = image.size
     except UnidentifiedImageError:
         raise ImageDecodeError("not a readable image (unknown format or corrupt file)") from None
-    except (OSError, SyntaxError) as error:
-        raise ImageDecodeError(f"not a readable image ({error})") from None
+    except Exception as error:  # codecs raise many kinds (struct.error, EOFError, ...)
+        raise ImageDecodeError(f"not a readable image ({_reason(error)})") from None
+    check_pixels(size, max_pixels)
+    return size
 
 
-def decode_image(data: bytes) -> DecodedImage:
+def decode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> DecodedImage:
+    """Pixels of an image file; its declared size is checked against `max_pixels` first."""
     if png_bit_depth(data) == 16:
+        check_pixels(_png_size(data), max_pixels)
         return _decode_png16(data)
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data)) as image:  # parses the header only
+            check_pixels(image.size, max_pixels)
             image.load()
             return _from_pillow(image)
     except UnidentifiedImageError:
         raise ImageDecodeError("not a readable image (unknown format or corrupt file)") from None
-    except (OSError, SyntaxError, ValueError) as error:
-        raise ImageDecodeError(f"not a readable image ({error})") from None
+    except ImageDecodeError:
+        raise
+    except MemoryError:
+        raise ImageDecodeError("not decodable in this worker's memory") from None
+    except Exception as error:  # codecs raise many kinds (struct.error, EOFError, ...)
+        raise ImageDecodeError(f"not a readable image ({_reason(error)})") from None
+
+
+def _reason(error: Exception) -> str:
+    """Pillow's messages say enough for OSError / SyntaxError; others also need the type."""
+    if isinstance(error, (OSError, SyntaxError, ValueError)) and str(error):
+        return str(error)
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk (bytes 16 to 24)."""
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
 
 
 def _from_pillow(image: Image.Image) -> DecodedImage:
@@ -82,8 +122,10 @@ def _decode_png16(data: bytes) -> DecodedImage:
     try:
         width, height, rows, info = png.Reader(bytes=data).asDirect()
         flat = np.vstack([np.asarray(row, dtype=np.uint16) for row in rows])
-    except (png.Error, ValueError) as error:
-        raise ImageDecodeError(f"not a readable 16-bit PNG ({error})") from None
+    except MemoryError:
+        raise ImageDecodeError("not decodable in this worker's memory") from None
+    except Exception as error:  # png.Error, zlib.error, ValueError, ...
+        raise ImageDecodeError(f"not a readable 16-bit PNG ({_reason(error)})") from None
     planes = info["planes"]
     array = flat.reshape(height, width, planes).astype(np.float32) / 65535.0
     return _split(array, info["alpha"], 16)

@@ -6,23 +6,26 @@ Two kinds of problem, handled differently (see the contract):
 - per-job (unknown task, missing per-task column, bad params, ...) become that job's failed row:
   :func:`job_problems` lists them without any I/O, for the worker and for ``validate``.
 
-Reads stream with ``ParquetFile.iter_batches``: the driver holds one batch of rows at a time,
-plus the ``id`` column once (needed to find duplicates), so a million-row manifest is cheap.
+Reads stream with ``ParquetFile.iter_batches``: the driver holds one batch of rows at a time;
+the id checks (ids.py) stream too and keep 8 bytes per row to find duplicates, so a
+million-row manifest costs megabytes.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from dip_core import TASKS, DipInputError, check_params
+from pipeline.ids import IdChecker
+from pipeline.retry import StorageUnavailableError, describe
+from pipeline.safetext import printable
 from pipeline.storage import Storage
 
 MANIFEST_SCHEMA = pa.schema(
@@ -43,9 +46,10 @@ MANIFEST_SCHEMA = pa.schema(
 _READ_SCHEMA = pa.schema([field.with_nullable(True) for field in MANIFEST_SCHEMA])
 REQUIRED_COLUMNS = ("id", "task", "image")
 TASK_REQUIRED_COLUMNS = {"inpaint": "mask", "flash_no_flash": "guide", "super_resolution": "scale"}
-ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
-MAX_LISTED = 20  # rows named per problem in an error message
 BATCH_ROWS = 1024
+ID_BATCH_ROWS = 65536  # ids are small: bigger batches for the id checks
+MAX_ITERATIONS = 1_000_000  # a sanity bound: the paper's longest runs are a few 10,000 steps
+MAX_PARAMS_CHARS = 65_536  # a params JSON object is a few dozen characters
 
 
 class ManifestError(ValueError):
@@ -79,6 +83,8 @@ class Job:
             value = json.loads(self.params)
         except json.JSONDecodeError as error:
             raise DipInputError(f"params is not valid JSON ({error.msg})") from None
+        except (ValueError, RecursionError) as error:  # 5,000-digit numbers, [[[[...]]]]
+            raise DipInputError(f"params is not usable JSON ({type(error).__name__})") from None
         if not isinstance(value, dict):
             raise DipInputError(f"params must be a JSON object, got {type(value).__name__}")
         return value
@@ -101,22 +107,35 @@ def inspect_manifest(storage: Storage, uri: str) -> ManifestInfo:
     """All manifest-level checks; raises ManifestError before any work is started."""
     try:
         parquet = storage.open_parquet(uri)
-    except FileNotFoundError:
-        raise ManifestError(uri, ["file not found"]) from None
-    except (pa.ArrowInvalid, OSError) as error:
-        raise ManifestError(uri, [f"not a Parquet file ({error})"]) from None
-    schema = parquet.schema_arrow
+        schema, num_rows = parquet.schema_arrow, parquet.metadata.num_rows
+    except Exception as error:
+        raise ManifestError(uri, [_unreadable(error)]) from None
     problems = _column_problems(schema)
-    if parquet.metadata.num_rows == 0:
+    if num_rows == 0:
         problems.append("the manifest has no rows")
     if not problems:
-        ids = storage.read_parquet(uri, columns=["id"]).column("id")
-        problems += id_problems(ids.cast(pa.string()))
+        try:
+            problems += _streamed_id_problems(storage, uri)
+        except (pa.ArrowException, OSError) as error:
+            raise ManifestError(uri, [f"unreadable Parquet data ({describe(error)})"]) from None
     if problems:
         raise ManifestError(uri, problems)
     known = tuple(name for name in schema.names if name in MANIFEST_SCHEMA.names)
     ignored = tuple(name for name in schema.names if name not in MANIFEST_SCHEMA.names)
-    return ManifestInfo(uri, parquet.metadata.num_rows, known, ignored)
+    return ManifestInfo(uri, num_rows, known, ignored)
+
+
+def _unreadable(error: Exception) -> str:
+    """Why a manifest could not be opened, in the user's terms."""
+    if isinstance(error, FileNotFoundError):
+        return "file not found"
+    if isinstance(error, IsADirectoryError):
+        return "a folder, not a Parquet file"
+    if isinstance(error, (PermissionError, StorageUnavailableError)):
+        return f"cannot be read ({describe(error)})"
+    if isinstance(error, (pa.ArrowException, OSError, ValueError)):
+        return f"not a Parquet file ({printable(error, 300)})"
+    raise error
 
 
 def _column_problems(schema: pa.Schema) -> list[str]:
@@ -138,35 +157,22 @@ def _castable(found: pa.DataType, wanted: pa.DataType) -> bool:
     return pa.types.is_integer(found)
 
 
-def _rows(mask: pa.Array, ids: pa.ChunkedArray) -> str:
-    """'row 3 ('../x'), row 9 (None)' for the first rows where mask is true."""
-    rows = pc.indices_nonzero(mask).to_pylist()
-    named = [f"row {r} ({ids[r].as_py()!r})" for r in rows[:MAX_LISTED]]
-    more = f" and {len(rows) - MAX_LISTED} more" if len(rows) > MAX_LISTED else ""
-    return ", ".join(named) + more
+def _streamed_id_problems(storage: Storage, uri: str) -> list[str]:
+    def id_batches() -> Iterator[pa.Array]:
+        for batch in storage.iter_parquet_batches(uri, ID_BATCH_ROWS, columns=["id"]):
+            yield batch.column(0)
+
+    checker = IdChecker()
+    for ids in id_batches():
+        checker.add(ids)
+    return checker.problems(id_batches)
 
 
-def id_problems(ids: pa.ChunkedArray) -> list[str]:
-    """Null, unsafe (not a plain file name) and duplicate ids, vectorised over the column."""
-    problems = []
-    nulls = pc.is_null(ids)
-    if pc.any(nulls).as_py():
-        problems.append(f"missing id at {_rows(nulls, ids)}")
-    pattern_ok = pc.fill_null(pc.match_substring_regex(ids, ID_PATTERN.pattern), True)
-    only_dots = pc.fill_null(pc.match_substring_regex(ids, r"^\.+$"), False)
-    unsafe = pc.or_(pc.invert(pattern_ok), only_dots)
-    if pc.any(unsafe).as_py():
-        problems.append(
-            "unsafe id (allowed: letters, digits, '.', '_', '-', at most 128 characters, "
-            f"not only dots) at {_rows(unsafe, ids)}"
-        )
-    counts = pc.value_counts(ids.drop_null())
-    repeated = pc.filter(counts, pc.greater(counts.field("counts"), 1))
-    if len(repeated):
-        dup_values = repeated.field("values")
-        is_dup = pc.is_in(ids, value_set=dup_values)
-        problems.append(f"duplicate id at {_rows(is_dup, ids)}")
-    return problems
+def id_problems(ids: pa.Array | pa.ChunkedArray) -> list[str]:
+    """Null, unsafe (not a plain file name) and duplicate ids of an in-memory column."""
+    checker = IdChecker()
+    checker.add(ids)
+    return checker.problems(lambda: iter([ids.combine_chunks() if hasattr(ids, "chunks") else ids]))
 
 
 def iter_jobs(storage: Storage, info: ManifestInfo, batch_rows: int = BATCH_ROWS) -> Iterator[Job]:
@@ -179,8 +185,7 @@ def iter_jobs(storage: Storage, info: ManifestInfo, batch_rows: int = BATCH_ROWS
 
 
 def iter_batches(storage: Storage, info: ManifestInfo, batch_rows: int) -> Iterator[pa.Table]:
-    parquet = storage.open_parquet(info.uri)
-    for batch in parquet.iter_batches(batch_size=batch_rows, columns=list(info.columns)):
+    for batch in storage.iter_parquet_batches(info.uri, batch_rows, list(info.columns)):
         yield _conform(pa.Table.from_batches([batch]))
 
 
@@ -224,10 +229,26 @@ def job_problems(job: Job) -> list[str]:
         problems.append(f"task {job.task!r} needs column '{column}'")
     if job.iterations is not None and job.iterations < 1:
         problems.append(f"iterations must be at least 1, got {job.iterations}")
+    if job.iterations is not None and job.iterations > MAX_ITERATIONS:
+        problems.append(f"iterations must be at most {MAX_ITERATIONS:,}, got {job.iterations:,}")
     if job.seed < 0:
         problems.append(f"seed must be non-negative, got {job.seed}")
-    try:
-        check_params(job.task, job.parsed_params(), job.scale)
-    except DipInputError as error:
-        problems.append(str(error))
+    if job.params is not None and len(job.params) > MAX_PARAMS_CHARS:
+        problems.append(
+            f"params is {len(job.params):,} characters long (at most {MAX_PARAMS_CHARS:,})"
+        )
+        return problems
+    problem = _params_problem(job.task, job.params, job.scale)
+    if problem:
+        problems.append(problem)
     return problems
+
+
+@functools.lru_cache(maxsize=4096)
+def _params_problem(task: str, params: str | None, scale: int | None) -> str | None:
+    """Cached: most manifests repeat a few (task, params, scale) over many rows."""
+    try:
+        check_params(task, Job("", task, "", 0, 0, params=params).parsed_params(), scale)
+    except DipInputError as error:
+        return printable(str(error), 1000)
+    return None

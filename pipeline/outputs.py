@@ -14,18 +14,24 @@ trace shard that the next run deletes, and never a trace without its result row.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.storage import Storage, join
+from pipeline.ids import is_safe_id
+from pipeline.retry import describe
+from pipeline.safetext import printable
+from pipeline.storage import Storage, is_temp_name, join
 
 RESULT_SCHEMA = pa.schema(
     [
@@ -68,6 +74,10 @@ def shard_of(job_id: str) -> str:
 
 
 def image_uri(out: str, job_id: str) -> str:
+    """Where a job's PNG goes. The id rule is checked again here, where an id becomes a path,
+    so no caller can write outside OUT/images whatever it skipped."""
+    if not is_safe_id(job_id):
+        raise ValueError(f"unsafe job id {job_id!a}: not used as a file name")
     return join(out, "images", shard_of(job_id), f"{job_id}.png")
 
 
@@ -86,6 +96,11 @@ class JobOutcome:
         return self.row["status"] == STATUS_OK
 
 
+class OutputWriteError(RuntimeError):
+    """Results cannot be written to OUT (full disk, no permission, storage down): the run
+    stops, since every further job would be lost too."""
+
+
 class ShardWriter:
     """Buffers outcomes and writes them as immutable shards every `flush_rows` jobs or
     `flush_seconds`, so a crash loses at most one buffer while a million jobs do not make a
@@ -101,6 +116,7 @@ class ShardWriter:
         self._traces: list[dict[str, list]] = []
         self._count = 0
         self._last_flush = time.monotonic()
+        self.broken: OutputWriteError | None = None
 
     def add(self, outcome: JobOutcome) -> None:
         row = dict(outcome.row)
@@ -121,16 +137,30 @@ class ShardWriter:
             self.flush()
 
     def flush(self) -> None:
+        """Write the buffer as one traces shard, then its results shard (the commit record).
+
+        A storage error (after the storage layer's retries) raises OutputWriteError and leaves
+        this writer broken: the buffered jobs have no row, so a rerun does them again."""
+        if self.broken is not None:
+            raise self.broken
         self._last_flush = time.monotonic()
         if not self._rows:
             return
         name = f"part-{self.run_tag}-{self._count:05d}.parquet"
         traces = {key: [v for t in self._traces for v in t[key]] for key in TRACE_SCHEMA.names}
-        self.storage.write_parquet(
-            join(self.out, "traces", name), pa.table(traces, schema=TRACE_SCHEMA)
-        )
         results = pa.Table.from_pylist(self._rows, schema=RESULT_SCHEMA)
-        self.storage.write_parquet(join(self.out, "results", name), results)
+        try:
+            self.storage.write_parquet(
+                join(self.out, "traces", name), pa.table(traces, schema=TRACE_SCHEMA)
+            )
+            self.storage.write_parquet(join(self.out, "results", name), results)
+        except OSError as error:
+            self.broken = OutputWriteError(
+                f"cannot write results to {printable(self.out)} ({describe(error)}); "
+                f"{len(self._rows)} finished job(s) were not recorded and will run again "
+                "when the command is rerun"
+            )
+            raise self.broken from error
         self._rows, self._traces = [], []
         self._count += 1
 
@@ -166,7 +196,9 @@ def read_prior(storage: Storage, out: str) -> PriorResults:
 
 
 def remove_orphan_traces(storage: Storage, out: str) -> int:
-    """Delete trace shards whose results shard was never written (a crash between the two)."""
+    """Delete trace shards whose results shard was never written (a crash between the two),
+    and the hidden temporary files a killed run left on a local OUT (see sweep_temp_files)."""
+    sweep_temp_files(out)
     committed = {uri.rsplit("/", 1)[-1] for uri in result_shards(storage, out)}
     orphans = [
         uri
@@ -211,3 +243,27 @@ def read_traces(storage: Storage, out: str) -> pa.Table:
     if not shards:
         return TRACE_SCHEMA.empty_table()
     return pa.concat_tables([storage.read_parquet(uri) for uri in shards])
+
+
+def sweep_temp_files(out: str) -> int:
+    """Remove '.<name>.<hex>.tmp' files that a run killed mid-write left in a local OUT.
+
+    Only called with the OUT lock held, so no live writer owns them. Object stores have none:
+    their writes are single PUTs."""
+    if "://" in out and not out.startswith("file://"):
+        return 0
+    root = Path(out.removeprefix("file://"))
+    folders = [root / "results", root / "traces", root]
+    images = root / "images"
+    if images.is_dir():
+        folders += [p for p in images.iterdir() if p.is_dir()]
+    removed = 0
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        for entry in os.scandir(folder):
+            if entry.is_file(follow_symlinks=False) and is_temp_name(entry.name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(entry.path)
+                    removed += 1
+    return removed

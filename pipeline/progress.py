@@ -15,6 +15,9 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
+
+from pipeline.safetext import printable
 
 MAX_ERRORS_SHOWN = 20
 
@@ -123,6 +126,6 @@ def errors_table(summary: RunSummary) -> Table:
     table = Table(title="failed jobs (first 20)", show_header=True)
     table.add_column("id")
     table.add_column("error", overflow="fold")
-    for job_id, error in summary.errors:
-        table.add_row(job_id, error)
+    for job_id, error in summary.errors:  # Text: never read as markup; escapes made visible
+        table.add_row(Text(printable(job_id)), Text(printable(error, 2000)))
     return table

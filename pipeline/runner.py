@@ -27,6 +27,8 @@ import pyarrow.compute as pc
 import ray
 from rich.console import Console
 
+from pipeline.images import DEFAULT_MAX_PIXELS
+from pipeline.lock import DEFAULT_STALE_SECONDS, OutLock
 from pipeline.manifest import Job, ManifestInfo, inspect_manifest, iter_batches, job_from_row
 from pipeline.outputs import (
     JobOutcome,
@@ -69,6 +71,10 @@ class RunConfig:
     show_progress: bool = True
     param_defaults: dict = field(default_factory=dict)  # run-wide params (--stop, --ensemble)
     fits_per_gpu: int = 0  # jobs packed per worker; 0: automatic (4 on CUDA, 1 on a CPU)
+    max_pixels: int | None = DEFAULT_MAX_PIXELS  # images declaring more are refused undecoded
+    force_unlock: bool = False  # take OUT's lock even from a run that looks alive
+    stale_lock_seconds: float = DEFAULT_STALE_SECONDS  # a lock this long without heartbeat is
+    # taken over (lock.py)
 
 
 def run(config: RunConfig, console: Console | None = None) -> RunSummary:
@@ -76,6 +82,14 @@ def run(config: RunConfig, console: Console | None = None) -> RunSummary:
     console = console or Console(stderr=True)
     storage = Storage(config.storage)
     info = inspect_manifest(storage, config.manifest)  # raises ManifestError before any work
+    lock = OutLock(
+        storage, config.out, stale_seconds=config.stale_lock_seconds, force=config.force_unlock
+    )
+    with lock:  # OutLockedError when another live run holds OUT (lock.py)
+        return _run_locked(config, console, storage, info)
+
+
+def _run_locked(config: RunConfig, console: Console, storage: Storage, info) -> RunSummary:
     summary = RunSummary(manifest_rows=info.num_rows)
     prior = _prepare_out(storage, config, info, summary)
     run_json = _RunRecord(storage, config)
@@ -92,7 +106,10 @@ def run(config: RunConfig, console: Console | None = None) -> RunSummary:
             ray.shutdown()
         if temp_dir:
             shutil.rmtree(temp_dir, ignore_errors=True)
-        run_json.write(summary, finished=True)
+        try:
+            run_json.write(summary, finished=True)
+        except OSError as error:  # e.g. a full disk: must not hide why the run stopped
+            log.warning("could not update run.json: %s", error)
     return summary
 
 
@@ -120,9 +137,13 @@ def pending_jobs(
     storage: Storage, info: ManifestInfo, prior: PriorResults, retry_failed: bool
 ) -> Iterator[Job]:
     """Manifest rows without a result yet, streamed batch by batch."""
+    # One lookup over every id (a hash of the prior ids is built once, not once per batch:
+    # per batch, a rerun over a million finished jobs took minutes).
+    ids = storage.read_parquet(info.uri, columns=["id"]).column("id").combine_chunks()
+    finished_rows = prior.finished_mask(ids, retry_failed)
     row = 0
     for batch in iter_batches(storage, info, batch_rows=1024):
-        done = prior.finished_mask(batch.column("id").combine_chunks(), retry_failed)
+        done = finished_rows.slice(row, batch.num_rows)
         for values, finished in zip(batch.to_pylist(), done.to_pylist(), strict=True):
             if not finished:
                 yield job_from_row(values, row)
@@ -184,6 +205,7 @@ def _schedule(config, storage, info, prior, summary, console, run_json) -> None:
         ship_process_local=True,
         param_defaults=config.param_defaults,
         fits_per_device=config.fits_per_gpu,
+        max_pixels=config.max_pixels,
     )
     view = ProgressView(console, summary.pending, enabled=config.show_progress)
 
@@ -217,11 +239,13 @@ def _schedule(config, storage, info, prior, summary, console, run_json) -> None:
         summary.interrupted = True
         log.warning("interrupted: keeping the finished jobs; rerun the command to resume")
     finally:
-        writer.flush()
-        summary.worker_deaths = scheduler.deaths
-        summary.seconds = time.monotonic() - started
-        scheduler.stop()
-        _restore_sigterm(previous)
+        try:
+            writer.flush()  # raises OutputWriteError if OUT cannot take results
+        finally:
+            summary.worker_deaths = scheduler.deaths
+            summary.seconds = time.monotonic() - started
+            scheduler.stop()
+            _restore_sigterm(previous)
 
 
 def _install_sigterm() -> None:

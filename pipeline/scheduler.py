@@ -126,7 +126,7 @@ class Scheduler:
 
     def start(self) -> list[dict[str, Any]]:
         actors = [self._new_actor(f"worker-{i}") for i in range(self.pool.workers)]
-        infos = ray.get([actor.describe.remote() for actor in actors])
+        infos = self._describe_replacing_the_dead(actors)
         for actor, info in zip(actors, infos, strict=True):
             name, lanes = info["worker"], info["lanes"]
             self.slots += [
@@ -135,6 +135,24 @@ class Scheduler:
         for info in infos:
             log.info("%s ready on node %s (pid %s, gpus %s, %s lane(s))", *info.values())
         return infos
+
+    def _describe_replacing_the_dead(self, actors: list[Any]) -> list[dict[str, Any]]:
+        """describe() of every new actor; one that dies while starting (killed, out of
+        memory) is replaced, up to max_attempts times each, instead of ending the run."""
+        infos: list[dict[str, Any] | None] = [None] * len(actors)
+        for _ in range(self.max_attempts + 1):
+            pending = {i: actors[i].describe.remote() for i, got in enumerate(infos) if not got}
+            for i, ref in pending.items():
+                try:
+                    infos[i] = ray.get(ref)
+                except DEATH_ERRORS as error:
+                    self.deaths += 1
+                    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                    log.warning("worker-%d died while starting; replacing it: %s", i, reason)
+                    actors[i] = self._new_actor(f"worker-{i}")
+            if all(infos):
+                return infos  # type: ignore[return-value]
+        raise WorkersKeepDying("workers keep dying while they start")
 
     def _new_actor(self, name: str) -> Any:
         options: dict[str, Any] = {

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from pipeline.images import ImageDecodeError, image_size
+from pipeline.images import DEFAULT_MAX_PIXELS, ImageDecodeError, check_pixels, image_size
 from pipeline.manifest import (
     BATCH_ROWS,
     Job,
@@ -21,6 +21,7 @@ from pipeline.manifest import (
     iter_jobs,
     job_problems,
 )
+from pipeline.retry import describe
 from pipeline.storage import Storage
 
 MAX_JOB_PROBLEMS = 1000  # kept in the report; the count goes on
@@ -40,7 +41,9 @@ class ValidationReport:
         return not self.manifest_problems and self.jobs_with_problems == 0
 
 
-def validate_manifest(storage: Storage, uri: str, threads: int = 16) -> ValidationReport:
+def validate_manifest(
+    storage: Storage, uri: str, threads: int = 16, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> ValidationReport:
     report = ValidationReport(uri)
     try:
         info = inspect_manifest(storage, uri)
@@ -52,7 +55,7 @@ def validate_manifest(storage: Storage, uri: str, threads: int = 16) -> Validati
         report.warnings.append(f"columns ignored (not in the schema): {list(info.ignored_columns)}")
     with ThreadPoolExecutor(threads) as pool:
         for batch in _batches(iter_jobs(storage, info), BATCH_ROWS):
-            checked = pool.map(lambda job: check_job(storage, job), batch)
+            checked = pool.map(lambda job: check_job(storage, job, max_pixels), batch)
             for job, problems in zip(batch, checked, strict=True):
                 _add(report, job, problems)
     return report
@@ -78,12 +81,12 @@ def _add(report: ValidationReport, job: Job, problems: list[str]) -> None:
             report.job_problems.append((job.row, job.id, problem))
 
 
-def check_job(storage: Storage, job: Job) -> list[str]:
+def check_job(storage: Storage, job: Job, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> list[str]:
     """Problems of one job, including its files (headers only)."""
     problems = job_problems(job)
     if not job.image:
         return problems
-    size, problem = _size_of(storage, job.image, "image")
+    size, problem = _size_of(storage, job.image, "image", max_pixels)
     if problem:
         return [*problems, problem]
     factor = job.scale if job.task == "super_resolution" and job.scale else 1
@@ -96,7 +99,7 @@ def check_job(storage: Storage, job: Job) -> list[str]:
         uri = getattr(job, role)
         if not uri:
             continue
-        found, problem = _size_of(storage, uri, role)
+        found, problem = _size_of(storage, uri, role, max_pixels)
         if problem is None and found != wanted:
             problem = (
                 f"{role} {uri} is {found[0]}x{found[1]} pixels, expected {wanted[0]}x{wanted[1]}"
@@ -106,16 +109,20 @@ def check_job(storage: Storage, job: Job) -> list[str]:
     return problems
 
 
-def _size_of(storage: Storage, uri: str, role: str) -> tuple[tuple[int, int], str | None]:
+def _size_of(
+    storage: Storage, uri: str, role: str, max_pixels: int | None
+) -> tuple[tuple[int, int], str | None]:
     try:
         head = storage.read_head(uri)
         try:
-            return image_size(head), None
+            size = image_size(head)
         except ImageDecodeError:  # a header longer than the first bytes (big EXIF): read all
-            return image_size(storage.read_bytes(uri)), None
+            size = image_size(storage.read_bytes(uri))
+        check_pixels(size, max_pixels)
+        return size, None
     except FileNotFoundError:
         return (0, 0), f"{role} not found: {uri}"
     except ImageDecodeError as error:
         return (0, 0), f"{role} {uri}: {error}"
     except OSError as error:
-        return (0, 0), f"{role} {uri}: cannot be read ({error})"
+        return (0, 0), f"{role} {uri}: cannot be read ({describe(error)})"

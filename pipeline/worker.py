@@ -20,7 +20,14 @@ from dip_core import DipInputError, FitProgress, fit
 from dip_core.api import RestorePlan, plan_restore
 from dip_core.ensemble import combine
 from dip_core.fit import FitItem, FitResult
-from pipeline.images import DecodedImage, ImageDecodeError, decode_image, encode_png, resize_plane
+from pipeline.images import (
+    DEFAULT_MAX_PIXELS,
+    DecodedImage,
+    ImageDecodeError,
+    decode_image,
+    encode_png,
+    resize_plane,
+)
 from pipeline.manifest import Job, job_problems
 from pipeline.outputs import STATUS_FAILED, STATUS_OK, JobOutcome, image_uri
 from pipeline.packing import PackedFitService
@@ -46,6 +53,7 @@ class WorkerConfig:
     # Run-wide params (e.g. from --stop / --ensemble); a job's own params override them.
     param_defaults: dict[str, Any] = field(default_factory=dict)
     fits_per_device: int = 0  # jobs a worker takes at once, fits packed (packing.py); 0 auto
+    max_pixels: int | None = DEFAULT_MAX_PIXELS  # declared image size refused above this
     # In a worker process: memory:// inputs arrive with the job, outputs go back to the driver.
     ship_process_local: bool = False
 
@@ -187,7 +195,8 @@ class Fitter:
     def _read(self, uri: str, role: str) -> DecodedImage:
         try:
             data = self._payload.get(uri)
-            return decode_image(self.storage.read_bytes(uri) if data is None else data)
+            data = self.storage.read_bytes(uri) if data is None else data
+            return decode_image(data, self.config.max_pixels)
         except FileNotFoundError:
             raise JobInputError(f"{role} not found: {uri}") from None
         except ImageDecodeError as error:
