@@ -83,7 +83,9 @@ class PackedNetwork:
         if options.channels_last:
             self.module = self.module.to(memory_format=torch.channels_last)
         self.module.requires_grad_(False)
-        self._forward = torch.compile(self._call, mode=options.compile_mode) if (
+        # Static shapes: a pack holds one padded size, so each size compiles once (dynamic
+        # shapes failed to compile after a size change, and CUDA graphs need static ones).
+        self._forward = torch.compile(self._call, mode=options.compile_mode, dynamic=False) if (
             options.compile
         ) else self._call  # fmt: skip
 
