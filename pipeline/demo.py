@@ -116,6 +116,7 @@ def run_demo(
     console.print(_table(storage, manifest, out))
     console.print(
         f"look at: {join(out, 'images')} (restored), {join(out, 'inputs')} (degraded and clean), "
-        f"{join(out, 'results')} and {join(out, 'traces')} (Parquet), {join(out, 'run.json')}"
+        f"{join(out, 'results')} and {join(out, 'traces')} (Parquet), {join(out, 'run.json')}; "
+        f"for pictures and curves: dippipe report {out}"
     )
     return summary.exit_code
