@@ -7,10 +7,11 @@ only the death of the whole process (killed, segfault) escapes, and the runner h
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -18,8 +19,9 @@ import torch
 
 from dip_core import DipInputError, FitProgress, fit
 from dip_core.api import RestorePlan, plan_restore
+from dip_core.engine import EngineOptions
 from dip_core.ensemble import combine
-from dip_core.fit import FitItem, FitResult
+from dip_core.fit import FitItem, FitResult, resolve_device
 from pipeline.images import (
     DEFAULT_MAX_PIXELS,
     DecodedImage,
@@ -36,6 +38,9 @@ from pipeline.storage import Storage, StorageOptions, is_process_local
 # Test-only fault hook: kill this process once, mid-fit, when it runs the named job.
 FAULT_KILL_JOB = "DIPPIPE_FAULT_KILL_JOB"
 FAULT_MARKER = "DIPPIPE_FAULT_MARKER"
+# Test-only: the named job's first fit runs out of (GPU) memory, to exercise the fallback.
+FAULT_OOM_JOB = "DIPPIPE_FAULT_OOM_JOB"
+log = logging.getLogger("dippipe")
 
 
 class JobInputError(ValueError):
@@ -78,6 +83,7 @@ class Fitter:
     ):
         self.config = config
         self.service = service
+        self._oom_injected: set[str] = set()  # test-only fault hook (FAULT_OOM_JOB)
         self.worker, self.node = worker, node or socket.gethostname()
         self.storage = Storage(config.storage)
         self._feature_net: torch.nn.Module | None = None
@@ -139,15 +145,27 @@ class Fitter:
 
     def _fit_members(self, job: Job, plan: RestorePlan) -> list[FitResult]:
         """The job's fits (one, or one per ensemble member): packed with other jobs' fits
-        when this worker shares a PackedFitService, else one after the other."""
+        when this worker shares a PackedFitService, else one after the other. A fit that
+        runs out of memory is run once more alone, recomputing activations in backward
+        instead of keeping them (slower, a fraction of the memory) rather than failing."""
         callbacks = [lambda p: self._on_progress(job.id, p)]
-        if self.service is not None:
-            items = [FitItem(None, plan.problem, config, callbacks) for config in plan.configs]
-            return self.service.run(items)
-        return [
-            fit(plan.problem, config, device=self.config.device, callbacks=callbacks)
-            for config in plan.configs
-        ]
+        try:
+            if self.service is not None:
+                items = [FitItem(None, plan.problem, c, callbacks) for c in plan.configs]
+                return self.service.run(items)
+            return [self._fit(plan, config, callbacks, None) for config in plan.configs]
+        except torch.cuda.OutOfMemoryError as error:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            log.warning("job %s ran out of memory (%s); fitting it again with activation "
+                        "checkpointing", job.id, str(error).splitlines()[0])  # fmt: skip
+            options = replace(EngineOptions.fastest_for(resolve_device(self.config.device)),
+                              checkpointing=True)  # fmt: skip
+            return [self._fit(plan, config, callbacks, options) for config in plan.configs]
+
+    def _fit(self, plan: RestorePlan, config, callbacks, options) -> FitResult:
+        return fit(plan.problem, config, device=self.config.device, callbacks=callbacks,
+                   options=options)  # fmt: skip
 
     def _on_progress(self, job_id: str, progress: FitProgress) -> bool:
         self.progress = {
@@ -157,6 +175,9 @@ class Fitter:
             "energy": progress.energy,
         }
         _maybe_die(job_id)
+        if os.environ.get(FAULT_OOM_JOB) == job_id and job_id not in self._oom_injected:
+            self._oom_injected.add(job_id)
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected by a test)")
         return False
 
     def _fake(self, job: Job, inputs: JobInputs) -> JobOutcome:

@@ -92,3 +92,16 @@ def test_memory_uris_work_in_process():
     row = fitter.run(_job("memory://w/in.png")).row
     assert row["status"] == "ok" and row["output"].startswith("memory://w/out/images/")
     assert storage.exists(row["output"])
+
+
+def test_a_fit_that_runs_out_of_memory_is_refitted_with_checkpointing(
+    fitter, tmp_path, monkeypatch, caplog
+):
+    from pipeline.worker import FAULT_OOM_JOB
+
+    image = write_png(tmp_path / "in.png", tiny_image(0))
+    monkeypatch.setenv(FAULT_OOM_JOB, "j")
+    with caplog.at_level("WARNING", logger="dippipe"):
+        row = fitter.run(_job(image)).row
+    assert row["status"] == "ok" and row["iterations"] == 10, row
+    assert "ran out of memory" in caplog.text and "activation checkpointing" in caplog.text
