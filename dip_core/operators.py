@@ -78,7 +78,9 @@ class FeatureMap(nn.Module):
 
     def __init__(self, features: nn.Module) -> None:
         super().__init__()
-        self.features = features.eval().requires_grad_(False)
+        self.features = features.eval()
+        for parameter in features.parameters():  # (TorchScript modules lack requires_grad_)
+            parameter.requires_grad_(False)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
 

@@ -9,6 +9,7 @@ TorchScript file or a MobileNetV2 state dict. Nothing is unpickled: state dicts 
 from __future__ import annotations
 
 import importlib.util
+import tempfile
 from pathlib import Path
 
 import torch
@@ -58,3 +59,37 @@ def load_feature_net(path: str | Path | None = None, layer: int = 12) -> nn.Modu
         return mobilenet_v2_features(state, layer)
     except RuntimeError as error:
         raise FeatureWeightsError(f"{path} is not a MobileNetV2 state dict: {error}") from error
+
+
+class FeatureNets:
+    """The feature networks a worker has loaded, by (weights URI, layer): params
+    ``feature_weights`` (a path or any storage URI) and ``feature_layer`` choose them."""
+
+    def __init__(self, read_bytes) -> None:
+        self.read_bytes = read_bytes  # storage access for URIs (dip_core does no I/O)
+        self.loaded: dict[tuple[str | None, int], nn.Module] = {}
+
+    def get(self, params: dict | None) -> nn.Module:
+        from dip_core import PRESETS
+
+        params = params or {}
+        uri = params.get("feature_weights")
+        layer = params.get("feature_layer", PRESETS["preimage"].feature_layer)
+        key = (uri, layer)
+        if key not in self.loaded:
+            self.loaded[key] = self._load(uri, layer)
+        return self.loaded[key]
+
+    def _load(self, uri: str | None, layer: int) -> nn.Module:
+        if uri is None:
+            return load_feature_net(None, layer)
+        if Path(uri).is_file():
+            return load_feature_net(uri, layer)
+        try:
+            data = self.read_bytes(uri)
+        except FileNotFoundError:
+            raise FeatureWeightsError(f"feature network file not found: {uri}") from None
+        with tempfile.NamedTemporaryFile(suffix=".pt") as copy:
+            copy.write(data)
+            copy.flush()
+            return load_feature_net(copy.name, layer)

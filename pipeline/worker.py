@@ -22,6 +22,7 @@ from dip_core.api import RestorePlan, plan_restore
 from dip_core.engine import EngineOptions
 from dip_core.ensemble import combine
 from dip_core.fit import FitItem, FitResult, resolve_device
+from pipeline.feature_weights import FeatureNets
 from pipeline.images import (
     DEFAULT_MAX_PIXELS,
     DecodedImage,
@@ -86,7 +87,7 @@ class Fitter:
         self._oom_injected: set[str] = set()  # test-only fault hook (FAULT_OOM_JOB)
         self.worker, self.node = worker, node or socket.gethostname()
         self.storage = Storage(config.storage)
-        self._feature_net: torch.nn.Module | None = None
+        self.feature_nets = FeatureNets(self.storage.read_bytes)  # pre-image jobs
         self._payload: dict[str, bytes] = {}
         self._shipped: dict[str, bytes] = {}
         self.progress: dict[str, Any] = {}
@@ -117,6 +118,7 @@ class Fitter:
         inputs = self.load_inputs(job)
         if self.config.fake_fit_seconds is not None:
             return self._fake(job, inputs)
+        params = {**self.config.param_defaults, **(job.parsed_params() or {})} or None
         plan = plan_restore(
             job.task,
             torch.from_numpy(inputs.observation.pixels),
@@ -126,8 +128,8 @@ class Fitter:
             reference=_tensor(inputs.reference),
             iterations=job.iterations,
             seed=job.seed,
-            params={**self.config.param_defaults, **(job.parsed_params() or {})} or None,
-            feature_net=self._feature_net_for(job.task),
+            params=params,
+            feature_net=self.feature_nets.get(params) if job.task == "preimage" else None,
             sync_every=self.config.sync_every,
         )
         result = combine(plan.problem, self._fit_members(job, plan))
@@ -187,15 +189,6 @@ class Fitter:
         output = self.write_output(job, inputs.observation.pixels, inputs.observation)
         row = _ok_row(job, output, 0, 0.0, None, "fake")
         return JobOutcome(row, {"step": [0], "energy": [0.0], "psnr": [None], "stop_stat": [None]})
-
-    def _feature_net_for(self, task: str) -> torch.nn.Module | None:
-        if task != "preimage":
-            return None
-        if self._feature_net is None:
-            from pipeline.feature_weights import load_feature_net  # heavy: only when needed
-
-            self._feature_net = load_feature_net()
-        return self._feature_net
 
     def load_inputs(self, job: Job) -> JobInputs:
         observation = self._read(job.image, "image")

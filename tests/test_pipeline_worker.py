@@ -105,3 +105,23 @@ def test_a_fit_that_runs_out_of_memory_is_refitted_with_checkpointing(
         row = fitter.run(_job(image)).row
     assert row["status"] == "ok" and row["iterations"] == 10, row
     assert "ran out of memory" in caplog.text and "activation checkpointing" in caplog.text
+
+
+def test_preimage_jobs_use_the_feature_layer_and_weights_they_ask_for(fitter, tmp_path):
+    import json
+
+    import torch
+
+    image = write_png(tmp_path / "in.png", tiny_image(5, 32))
+    small = {"channels": 8, "depth": 3, "input_depth": 4}
+    row = fitter.run(_job(image, task="preimage", params=json.dumps(small))).row
+    assert row["status"] == "ok", row
+    scripted = torch.jit.script(torch.nn.Conv2d(3, 4, 3))  # a user's own TorchScript Phi
+    scripted.save(str(tmp_path / "phi.pt"))
+    custom = {**small, "feature_weights": str(tmp_path / "phi.pt"), "feature_layer": 4}
+    row = fitter.run(_job(image, id="own", task="preimage", params=json.dumps(custom))).row
+    assert row["status"] == "ok", row
+    assert set(fitter.feature_nets.loaded) == {(None, 12), (str(tmp_path / "phi.pt"), 4)}
+    missing = {**small, "feature_weights": str(tmp_path / "nope.pt")}
+    row = fitter.run(_job(image, id="gone", task="preimage", params=json.dumps(missing))).row
+    assert row["status"] == "failed" and "not found" in row["error"]
