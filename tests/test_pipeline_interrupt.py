@@ -54,7 +54,14 @@ def test_ctrl_c_keeps_finished_jobs_and_a_rerun_resumes(tmp_path):
         "1.5",
     ]
     command = [sys.executable, "-c", "from pipeline.cli import app; app()", *args]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        # A test runner started in the background (`cmd &` without job control) ignores
+        # SIGINT, and so would the child: give it the default so Ctrl-C reaches Python.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 120
     while _shards(out) < 2 and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.1)
