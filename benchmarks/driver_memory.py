@@ -23,8 +23,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.manifest import MANIFEST_SCHEMA, inspect_manifest
-from pipeline.outputs import RESULT_SCHEMA, read_prior
-from pipeline.runner import pending_jobs
+from pipeline.outputs import RESULT_SCHEMA
+from pipeline.progress import RunSummary
+from pipeline.runner import RunConfig, _prepare_out, pending_jobs
 from pipeline.storage import Storage
 
 
@@ -63,8 +64,9 @@ def measure(storage: Storage, manifest: Path, out: Path) -> tuple[int, float, fl
     """(jobs streamed, seconds, peak MiB) for one driver pass."""
     started = time.perf_counter()
     info = inspect_manifest(storage, str(manifest))
-    prior = read_prior(storage, str(out))
-    jobs = sum(1 for _ in pending_jobs(storage, info, prior, retry_failed=False))
+    summary = RunSummary(manifest_rows=info.num_rows)
+    finished = _prepare_out(storage, RunConfig(str(manifest), str(out)), info, summary)
+    jobs = sum(1 for _ in pending_jobs(storage, info, finished))
     return jobs, time.perf_counter() - started, memory_mib("VmHWM")
 
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import torch
 
-INPUT_KINDS = ("noise", "meshgrid", "image")
-
 
 def noise_input(
     channels: int, height: int, width: int, generator: torch.Generator, scale: float = 0.1

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 from rich.console import Console
@@ -32,7 +33,6 @@ from pipeline.lock import DEFAULT_STALE_SECONDS, OutLock
 from pipeline.manifest import Job, ManifestInfo, inspect_manifest, iter_batches, job_from_row
 from pipeline.outputs import (
     JobOutcome,
-    PriorResults,
     ShardWriter,
     drop_failed_rows,
     read_prior,
@@ -91,7 +91,7 @@ def run(config: RunConfig, console: Console | None = None) -> RunSummary:
 
 def _run_locked(config: RunConfig, console: Console, storage: Storage, info) -> RunSummary:
     summary = RunSummary(manifest_rows=info.num_rows)
-    prior = _prepare_out(storage, config, info, summary)
+    finished = _prepare_out(storage, config, info, summary)
     run_json = _RunRecord(storage, config)
     run_json.write(summary)
     if summary.pending == 0:
@@ -100,7 +100,7 @@ def _run_locked(config: RunConfig, console: Console, storage: Storage, info) -> 
         return summary
     started, temp_dir = _connect(config)
     try:
-        _schedule(config, storage, info, prior, summary, console, run_json)
+        _schedule(config, storage, info, finished, summary, console, run_json)
     finally:
         if started:
             ray.shutdown()
@@ -114,7 +114,9 @@ def _run_locked(config: RunConfig, console: Console, storage: Storage, info) -> 
 
 
 def _prepare_out(storage: Storage, config: RunConfig, info: ManifestInfo, summary: RunSummary):
-    """Read what earlier runs finished; with --retry-failed, drop the rows to be superseded."""
+    """Read what earlier runs finished; with --retry-failed, drop the rows to be superseded.
+    Returns, per manifest row, whether it already has its final result (one lookup over
+    every id: a hash of the earlier ids is built once, not once per batch)."""
     orphans = remove_orphan_traces(storage, config.out)
     if orphans:
         log.info("removed %d trace shard(s) left by an interrupted run", orphans)
@@ -130,17 +132,12 @@ def _prepare_out(storage: Storage, config: RunConfig, info: ManifestInfo, summar
     else:
         summary.skipped_failed = failed_count
     summary.pending = info.num_rows - summary.skipped_ok - summary.skipped_failed
-    return prior
+    return ok if config.retry_failed else pc.or_(ok, failed)
 
 
-def pending_jobs(
-    storage: Storage, info: ManifestInfo, prior: PriorResults, retry_failed: bool
-) -> Iterator[Job]:
-    """Manifest rows without a result yet, streamed batch by batch."""
-    # One lookup over every id (a hash of the prior ids is built once, not once per batch:
-    # per batch, a rerun over a million finished jobs took minutes).
-    ids = storage.read_parquet(info.uri, columns=["id"]).column("id").combine_chunks()
-    finished_rows = prior.finished_mask(ids, retry_failed)
+def pending_jobs(storage: Storage, info: ManifestInfo, finished_rows: pa.Array) -> Iterator[Job]:
+    """Manifest rows without a result yet (``finished_rows`` from _prepare_out), streamed
+    batch by batch."""
     row = 0
     for batch in iter_batches(storage, info, batch_rows=1024):
         done = finished_rows.slice(row, batch.num_rows)
@@ -192,7 +189,7 @@ def plan_pool(config: RunConfig, pending: int) -> PoolSpec:
     return PoolSpec(min(workers, pending), 0, config.cpus_per_worker)
 
 
-def _schedule(config, storage, info, prior, summary, console, run_json) -> None:
+def _schedule(config, storage, info, finished, summary, console, run_json) -> None:
     pool = plan_pool(config, summary.pending)
     writer = ShardWriter(storage, config.out, config.flush_rows, config.flush_seconds)
     worker_config = WorkerConfig(
@@ -233,7 +230,7 @@ def _schedule(config, storage, info, prior, summary, console, run_json) -> None:
         with view:
             run_json.workers = scheduler.start()
             busy_from = time.monotonic()
-            scheduler.run(pending_jobs(storage, info, prior, config.retry_failed))
+            scheduler.run(pending_jobs(storage, info, finished))
             summary.busy_seconds = time.monotonic() - busy_from
     except KeyboardInterrupt:
         summary.interrupted = True
