@@ -17,7 +17,7 @@ class FitConfig:
     exp_weight: float  # 0: the result is the last output, not an average
     seed: int = 0
     sync_every: int = 50  # steps between host reads of the trace (progress, divergence)
-    divergence_ratio: float = 10**0.5  # an energy 5 dB above the best so far is a jump
+    divergence_ratio: float = 10**0.5  # 5 dB above the previous window's median: a jump
     divergence_warmup: int = 50  # early steps bounce; they are not checked
     max_rollbacks: int = 10
     stop: StopRule | None = None  # a no-reference stopping rule; None runs every iteration
@@ -59,3 +59,6 @@ class FitResult:
     stopped_at: int  # the step count whose result is returned
     stop_reason: str  # "iterations" | "callback" | "auto"
     rollbacks: int = 0
+    # Where the stopping rule chose to stop, enforced or not: (step count of the image it
+    # returns, steps run when it fired); None when it did not fire or there was no rule.
+    stop_decision: tuple[int, int] | None = None

@@ -211,9 +211,12 @@ def activation_bytes(spec: SkipSpec, height: int, width: int, bytes_per_value: i
         below = here // 4
         up_in = spec.channels_up[level + 1] if level + 1 < spec.depth else spec.channels_down[level]
         values += below * spec.channels_down[level] * 2 * 4  # two convs: pad, conv, BN, act
+        if spec.downsample == "avg":  # the first conv runs at full size, then is pooled
+            values += here * spec.channels_down[level]
         values += here * spec.channels_skip[level] * 4
         values += here * up_in * 2  # upsampled, and its normalised concat share
-        values += here * spec.channels_up[level] * 2 * 4  # k_up conv and the 1x1 conv
+        up_convs = 2 if spec.need_1x1_up else 1  # the k_up conv (and the 1x1 conv)
+        values += here * spec.channels_up[level] * up_convs * 4
     return 2 * values * bytes_per_value  # activations + their gradients
 
 

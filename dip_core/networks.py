@@ -1,10 +1,13 @@
 """The "skip" hourglass generator of Deep Image Prior, fully configurable.
 
-Level i of the encoder-decoder has a skip branch (1x1 conv, ``skip[i]`` channels, absent
-when 0) and a deep branch (strided conv, conv, level i+1, x2 upsampling); their
-concatenation goes through BN -> conv -> BN -> act (-> 1x1 conv -> BN -> act). The output
-head is a 1x1 conv and a sigmoid. BatchNorm stays in train mode: with a batch of one image
-it normalises over that image's pixels, as in the paper.
+Level i of the encoder-decoder has a skip branch (``kernel_skip`` conv, ``skip[i]``
+channels, absent when 0) and a deep branch (strided conv, or stride-1 conv then 2x2 average
+pooling, conv, level i+1, x2 upsampling in level i's mode); their concatenation goes through
+BN -> conv -> BN -> act (-> 1x1 conv -> BN -> act when ``need_1x1_up``). The output head is a
+1x1 conv and a sigmoid. Level 0 is the finest. This is the reference code's ``skip()``
+(models/skip.py of DmitryUlyanov/deep-image-prior) layer for layer; the reference network
+tests check it preset by preset. BatchNorm stays in train mode: with a batch of one image it
+normalises over that image's pixels, as in the paper.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ PADDING_MODES = ("reflection", "zero")
 
 @dataclass(frozen=True)
 class SkipSpec:
-    """Architecture of a skip network; every per-level field has one entry per level."""
+    """Architecture of a skip network; every per-level field has one entry per level
+    (index 0 = the finest level). ``upsample`` may be given as one mode for every level; it
+    is stored as a tuple of one mode per level, so equal networks have equal specs."""
 
     in_channels: int
     out_channels: int
@@ -31,7 +36,7 @@ class SkipSpec:
     kernels_down: tuple[int, ...]
     kernels_up: tuple[int, ...]
     kernel_skip: int = 1
-    upsample: str = "bilinear"
+    upsample: tuple[str, ...] | str = "bilinear"
     downsample: str = "stride"
     padding: str = "reflection"
     need_1x1_up: bool = True
@@ -39,10 +44,17 @@ class SkipSpec:
 
     def __post_init__(self) -> None:
         levels = len(self.channels_down)
-        per_level = (self.channels_up, self.channels_skip, self.kernels_down, self.kernels_up)
+        upsample = self.upsample
+        if isinstance(upsample, str):
+            upsample = (upsample,) * levels
+        object.__setattr__(self, "upsample", tuple(upsample))  # frozen: normalise once
+        per_level = (
+            self.channels_up, self.channels_skip, self.kernels_down, self.kernels_up,
+            self.upsample,
+        )  # fmt: skip
         if levels < 1 or any(len(v) != levels for v in per_level):
             raise ValueError(f"every per-level setting needs {levels} entries: {self}")
-        if self.upsample not in UPSAMPLE_MODES:
+        if any(mode not in UPSAMPLE_MODES for mode in self.upsample):
             raise ValueError(f"upsample must be one of {UPSAMPLE_MODES}, got {self.upsample!r}")
         if self.downsample not in DOWNSAMPLE_MODES:
             raise ValueError(f"downsample must be one of {DOWNSAMPLE_MODES}")
@@ -117,7 +129,7 @@ class SkipLevel(nn.Module):
         ]
         if inner is not None:
             deeper.append(inner)
-        deeper.append(nn.Upsample(scale_factor=2, mode=spec.upsample))
+        deeper.append(nn.Upsample(scale_factor=2, mode=spec.upsample[level]))
         self.deeper = nn.Sequential(*deeper)
         merged = skip + (spec.channels_up[level + 1] if inner is not None else down)
         merge: list[nn.Module] = [_norm(merged), _conv(spec, merged, up, k_up)]
@@ -127,10 +139,10 @@ class SkipLevel(nn.Module):
         self.merge = nn.Sequential(*merge)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        deep = self.deeper(x)
         if self.skip is None:
-            return self.merge(deep)
-        return self.merge(torch.cat([self.skip(x), deep], dim=1))
+            return self.merge(self.deeper(x))
+        # Skip branch first, as the reference's Concat runs its branches.
+        return self.merge(torch.cat([self.skip(x), self.deeper(x)], dim=1))
 
 
 class SkipNetwork(nn.Module):

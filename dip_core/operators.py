@@ -20,21 +20,22 @@ class Identity(nn.Module):
 
 
 def resampling_kernel(factor: int, kind: str) -> torch.Tensor:
-    """1-D downsampling taps, normalised to sum 1.
+    """1-D downsampling taps, normalised to sum 1, centred between pixels.
 
-    ``lanczos2`` is the reference code's kernel (support 2, 4*factor - 1 taps, phase 0.5);
-    ``lanczos3`` widens it to support 3 (closer to Pillow's LANCZOS); ``box`` averages.
+    Each low-resolution pixel is the weighted mean of the ``factor`` high-resolution pixels
+    it covers and their neighbours, centred on the middle of that block: the convention of
+    Pillow, OpenCV and MATLAB resize. ``lanczos2`` is the reference code's SR kernel
+    (support 2: 4 * factor taps at half-pixel offsets, its ``phase=0.5``); ``lanczos3``
+    widens it to support 3 (Pillow's LANCZOS); ``box`` averages each block.
     """
     if kind == "box":
         return torch.full((factor,), 1.0 / factor, dtype=torch.float64)
     if kind not in DOWNSAMPLERS:
         raise ValueError(f"unknown downsampler {kind!r}; choose from {DOWNSAMPLERS}")
     support = 2 if kind == "lanczos2" else 3
-    offsets = torch.arange(-(support * factor - 1), support * factor, dtype=torch.float64)
-    d = offsets / factor
-    safe = torch.where(d == 0, torch.ones_like(d), d)
-    taps = support * torch.sin(math.pi * safe) * torch.sin(math.pi * safe / support)
-    taps = torch.where(d == 0, torch.ones_like(d), taps / (math.pi**2 * safe**2))
+    # Tap t sits (t + 0.5) / factor low-resolution pixels from the block's centre.
+    d = (torch.arange(-support * factor, support * factor, dtype=torch.float64) + 0.5) / factor
+    taps = support * torch.sin(math.pi * d) * torch.sin(math.pi * d / support) / (math.pi * d) ** 2
     return taps / taps.sum()
 
 
@@ -45,7 +46,8 @@ def downsampling_matrix(size: int, factor: int, kind: str) -> torch.Tensor:
     convolution with a 4*factor-wide kernel (forward and backward).
     """
     taps = resampling_kernel(factor, kind)
-    pad = (len(taps) - 1) // 2 if len(taps) % 2 else (len(taps) - factor) // 2
+    # Centres the kernel on the block of output pixel r: input pixels r*f .. r*f + f - 1.
+    pad = (len(taps) - factor) // 2
     matrix = torch.zeros(size // factor, size, dtype=torch.float64)
     for row in range(size // factor):
         for t, weight in enumerate(taps.tolist()):

@@ -65,7 +65,7 @@ def _per_level(value: Any, key: str, depth: int, low: int, *, odd=False) -> tupl
     return checked
 
 
-def _resized(levels: tuple[int, ...], depth: int) -> tuple[int, ...]:
+def _resized(levels: tuple, depth: int) -> tuple:
     """Truncate, or extend by repeating the last level, to ``depth`` entries."""
     return levels[:depth] + (levels[-1],) * max(0, depth - len(levels))
 
@@ -83,13 +83,32 @@ def _network_overrides(preset: Preset, params: dict) -> dict:
         "kernels_down": ("kernel_down", 1, True),
         "kernels_up": ("kernel_up", 1, True),
     }
-    out = {}
+    out: dict[str, Any] = {}
     for field, (key, low, odd) in fields.items():
         if key in params:
             out[field] = _per_level(params[key], key, depth, low, odd=odd)
         else:
             out[field] = _resized(getattr(preset, field), depth)
+    out["upsample"] = _upsample(params, preset, depth)
     return out
+
+
+def _upsample(params: dict, preset: Preset, depth: int) -> tuple[str, ...]:
+    """One upsampling mode per level: a string for every level, a list per level (index 0 =
+    finest), or the preset's modes resized to ``depth`` like the other per-level fields."""
+    if "upsample" not in params:
+        return _resized(preset.upsample, depth)
+    value = params["upsample"]
+    modes = value if isinstance(value, list) else [value] * depth
+    if len(modes) != depth:
+        raise DipInputError(f"params.upsample has {len(modes)} entries but the network has {depth}")
+    for mode in modes:
+        if not isinstance(mode, str) or mode not in UPSAMPLE_MODES:
+            raise DipInputError(
+                f"params.upsample must be one of {list(UPSAMPLE_MODES)} or a list of them per "
+                f"level, got {value!r}"
+            )
+    return tuple(modes)
 
 
 def _input_overrides(preset: Preset, params: dict) -> dict:
@@ -131,7 +150,6 @@ def apply_params(preset: Preset, task: str, params: dict | None) -> Preset:
     if "noise_scale" in params:
         changes["noise_scale"] = _number(params, "noise_scale", 0.0, 100.0, low_open=True)
     for key, choices in (
-        ("upsample", UPSAMPLE_MODES),
         ("downsample", DOWNSAMPLE_MODES),
         ("padding", PADDING_MODES),
         ("downsampler", DOWNSAMPLERS),

@@ -1,10 +1,11 @@
 """One fit's own state inside a packed engine: input, trace, averaging, stopping, rollback.
 
 The trace stays on the device and is read back only at the slot's sync points (every
-``sync_every`` steps). Divergence is checked there: a window whose energy jumps is thrown
-away whole, the slot's weights AND Adam state are restored from its last good checkpoint,
-and the fit continues with fresh jitter (the reference code keeps Adam's moments and
-still applies the bad step).
+``sync_every`` steps). Divergence is checked there: a step whose energy is non-finite or
+jumps above ``divergence_ratio`` times the previous window's median throws the window away
+whole, the slot's weights AND Adam state are restored from its last good checkpoint, and
+the fit continues with fresh jitter (the reference code keeps Adam's moments and still
+applies the bad step).
 """
 
 from __future__ import annotations
@@ -37,14 +38,14 @@ class _Checkpoint:
         slot.step = self.step
 
 
-def _jumped(window: torch.Tensor, best_before: float, first_step: int, cfg: FitConfig) -> bool:
-    """True when a step of the window is non-finite or jumps far above the running best."""
-    if not torch.isfinite(window).all():
-        return True
-    running_best = torch.cummin(window, 0).values
-    previous = torch.cat([torch.tensor([best_before], dtype=window.dtype), running_best[:-1]])
+def _first_jump(window: torch.Tensor, level: float, first_step: int, cfg: FitConfig) -> int | None:
+    """Index of the first step of the window whose energy is non-finite or more than
+    ``divergence_ratio`` times ``level`` (the previous window's median energy: where the fit
+    just was, as the reference compares with its previous check), or None."""
+    finite = torch.isfinite(window)
     checked = torch.arange(first_step, first_step + len(window)) >= cfg.divergence_warmup
-    return bool((checked & (window > cfg.divergence_ratio * previous)).any())
+    bad = ~finite | (checked & (window > cfg.divergence_ratio * level))
+    return int(bad.nonzero()[0]) if bool(bad.any()) else None
 
 
 class FitSlot:
@@ -62,17 +63,25 @@ class FitSlot:
         if problem.reference is not None:
             self.psnrs = torch.full((n,), float("nan"), device=device)
         self.stop_stats = None
-        if config.stop is not None:
+        # A cap too short for the rule to judge runs the fixed schedule.
+        self.stop_rule = config.stop
+        if self.stop_rule is not None and n < self.stop_rule.shortest_fit():
+            self.stop_rule = None
+        if self.stop_rule is not None:
             self.stop_stats = torch.full((n,), float("nan"), dtype=torch.float64, device=device)
         self.stopper: VarianceStopper | None = None
         self.average: torch.Tensor | None = None
-        self.step, self.rollbacks, self.best = 0, 0, float("inf")
+        self.step, self.rollbacks, self.level = 0, 0, float("inf")
+        # ``checkpoint`` starts the window being checked; its own energy is the window's
+        # first entry, so it is trusted only once that window passes. ``trusted`` is the one
+        # before it: where a rollback goes if the checkpoint itself was already diverged.
         self.checkpoint: _Checkpoint | None = None
+        self.trusted: _Checkpoint | None = None
 
     def start(self, net: PackedNetwork, adam: FlatAdam) -> None:
         net.load_slot(self.index, self.config.seed)
         adam.reset_slot(self.index, self.config.lr)
-        self.checkpoint = _Checkpoint(self, net, adam)
+        self.checkpoint = self.trusted = _Checkpoint(self, net, adam)
 
     def network_input(self, net: PackedNetwork) -> torch.Tensor:
         if self.step_hook is not None:
@@ -92,10 +101,11 @@ class FitSlot:
         self.energies[self.step] = energy
         if self.psnrs is not None:
             self.psnrs[self.step] = psnr(current, self.problem.reference)
-        if self.config.stop is not None:
+        if self.stop_rule is not None:
             if self.stopper is None:
-                self.stopper = VarianceStopper(self.config.stop, crop)
-            self.stop_stats[self.step] = self.stopper.update(self.step, crop, current)
+                self.stopper = VarianceStopper(self.stop_rule, crop, self.problem.energy_floor)
+            stat = self.stopper.update(self.step, crop, current, energy)
+            self.stop_stats[self.step] = stat
         self.step += 1
 
     def due(self) -> bool:
@@ -106,17 +116,25 @@ class FitSlot:
         the fit is over, None to go on."""
         cfg, start = self.config, self.checkpoint.step
         window = self.energies[start : self.step].double().cpu()
-        if _jumped(window, self.best, start, cfg) and self.rollbacks < cfg.max_rollbacks:
-            self.checkpoint.restore(self, net, adam)
+        jump = _first_jump(window, self.level, start, cfg)
+        if jump is not None and self.rollbacks < cfg.max_rollbacks:
+            # A jump at the window's first step means the checkpoint's own weights diverged
+            # (the update before it went wrong): go back to the one before.
+            target = self.trusted if jump == 0 else self.checkpoint
+            target.restore(self, net, adam)
+            self.checkpoint = target
             self.rollbacks += 1
             if self.stopper is not None:
                 self.stopper.forget_from(self.step)
             return None
-        self.best = min(self.best, float(window.min()))
-        self.checkpoint = _Checkpoint(self, net, adam)
+        finite = window[torch.isfinite(window)]
+        if len(finite):
+            self.level = float(finite.median())
+        self.trusted, self.checkpoint = self.checkpoint, _Checkpoint(self, net, adam)
         if self._notify(window):
             return "callback"
-        if cfg.stop_enforced and self.stopper and self.stopper.should_stop(self.step):
+        # Asked even when not enforced: the rule then records where it would have stopped.
+        if self.stopper is not None and self.stopper.should_stop(self.step) and cfg.stop_enforced:
             return "auto"
         return "iterations" if self.step >= cfg.iterations else None
 
@@ -129,6 +147,13 @@ class FitSlot:
             time.perf_counter() - self.started,
         )  # fmt: skip
         return any([bool(cb(progress)) for cb in self.callbacks])
+
+    def _decision(self) -> tuple[int, int] | None:
+        """(step count of the image the rule chose, steps run when it fired), or None."""
+        if self.stopper is None or self.stopper.decision is None:
+            return None
+        chosen, fired = self.stopper.decision
+        return chosen + 1, fired
 
     @torch.no_grad()
     def result(self, reason: str, final_output: torch.Tensor | None, device) -> FitResult:
@@ -159,4 +184,5 @@ class FitSlot:
             stopped_at=self.stopper.chosen_step() + 1 if reason == "auto" else n,
             stop_reason=reason,
             rollbacks=self.rollbacks,
+            stop_decision=self._decision(),
         )

@@ -6,7 +6,7 @@ import torch
 from dip_core import FitConfig, build_problem, fit, restore
 from dip_core.engine import EngineOptions, FlatAdam, PackedNetwork
 from dip_core.metrics import psnr
-from dip_core.slot import FitSlot, _Checkpoint
+from dip_core.slot import FitSlot, _Checkpoint, _first_jump
 
 torch.set_num_threads(1)
 SMALL = {"channels": 16, "depth": 3, "input_depth": 8}
@@ -127,6 +127,45 @@ def test_a_diverged_window_is_rolled_back_and_the_fit_recovers():
     assert recovered.iterations == 120
     assert recovered.energies[20:].max() < 2 * healthy.energies[20:].max()  # the jump is gone
     assert recovered.energy == pytest.approx(healthy.energy, rel=0.5)
+
+
+def test_a_checkpoint_taken_after_a_diverging_update_is_not_restored(monkeypatch):
+    """The update of step 59 blows the weights up just before the checkpoint of step 60 is
+    saved: that checkpoint's own energy is only seen in the next window, so the rollback
+    must go to the checkpoint before it (restoring the bad one would loop until
+    max_rollbacks and end diverged)."""
+    clean, noisy = synthetic(16, 16)
+    config = FitConfig(120, 0.01, 0.0, 0.0, seed=0, sync_every=20, divergence_warmup=20)
+    healthy = fit(build_problem("denoise", noisy, reference=clean, params=SMALL), config)
+    original, calls = FlatAdam.step, []
+
+    def diverging_step(self):
+        original(self)
+        calls.append(1)
+        if len(calls) == 60:  # the update made by step 59
+            with torch.no_grad():
+                self.flat.mul_(-30.0)
+
+    monkeypatch.setattr(FlatAdam, "step", diverging_step)
+    recovered = fit(build_problem("denoise", noisy, reference=clean, params=SMALL), config)
+    assert recovered.rollbacks == 1 and recovered.iterations == 120
+    assert recovered.energies[20:].max() < 2 * healthy.energies[20:].max()  # the jump is gone
+    assert recovered.energy == pytest.approx(healthy.energy, rel=0.5)
+
+
+def test_divergence_is_judged_against_the_previous_window():
+    """A jump is a step whose energy exceeds the previous window's median by 5 dB (the
+    reference compares with its previous check), not a lucky low point from long ago."""
+    cfg = FitConfig(100, 0.01, 0.0, 0.0, divergence_warmup=0)
+    level = 0.4  # where the fit was over the last window (best ever was, say, 0.1)
+    steady = torch.tensor([0.38, 0.45, 0.41, 0.5], dtype=torch.float64)
+    assert _first_jump(steady, level, 40, cfg) is None
+    jumped = torch.tensor([0.38, 0.45, 1.4, 0.5], dtype=torch.float64)  # 1.4 > 3.16 * 0.4
+    assert _first_jump(jumped, level, 40, cfg) == 2
+    broken = torch.tensor([float("nan"), 0.4], dtype=torch.float64)
+    assert _first_jump(broken, level, 40, cfg) == 0
+    warm = FitConfig(100, 0.01, 0.0, 0.0, divergence_warmup=50)
+    assert _first_jump(jumped, level, 40, warm) is None  # early steps bounce: not checked
 
 
 def test_bad_iterations_and_seed_are_refused():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dip_core.networks import SkipSpec, build_network
+from dip_core.networks import SkipLevel, SkipSpec, build_network
 
 torch.set_num_threads(1)
 
@@ -56,3 +56,59 @@ def test_minimum_side_runs_and_smaller_fails():
     build_network(s)(torch.rand(1, 4, side, side))
     with pytest.raises((RuntimeError, ValueError)):
         build_network(s)(torch.rand(1, 4, side - 8, side - 8))
+
+
+def level_upsamplers(net) -> list[torch.nn.Upsample]:
+    """Each level's own x2 upsampling layer, finest level first."""
+    found, level = [], net.body
+    while level is not None:
+        found.append(level.deeper[-1])
+        level = next((m for m in level.deeper if isinstance(m, SkipLevel)), None)
+    return found
+
+
+def test_upsampling_mode_per_level():
+    modes = ("nearest", "bilinear", "nearest")
+    net = build_network(spec(upsample=list(modes)))
+    assert net.spec.upsample == modes
+    upsamplers = level_upsamplers(net)
+    assert [type(m) for m in upsamplers] == [torch.nn.Upsample] * 3
+    outputs = {}
+    for level, layer in enumerate(upsamplers):
+        layer.register_forward_hook(lambda _m, _i, out, level=level: outputs.update({level: out}))
+    assert net(torch.rand(1, 4, 32, 48)).shape == (1, 3, 32, 48)
+    for level, mode in enumerate(modes):
+        out = outputs[level]
+        assert out.shape[-2:] == (32 // 2**level, 48 // 2**level)
+        # Nearest repeats every value over a 2x2 block; bilinear interpolates between them.
+        blocky = torch.equal(out[..., ::2, ::2], out[..., 1::2, 1::2])
+        assert blocky == (mode == "nearest"), (level, mode)
+
+
+def test_one_upsampling_mode_means_every_level_and_equal_specs_are_equal():
+    one = spec(upsample="nearest")
+    assert one.upsample == ("nearest",) * 3
+    assert one == spec(upsample=("nearest",) * 3) and hash(one) == hash(
+        spec(upsample=["nearest"] * 3)
+    )
+    with pytest.raises(ValueError, match="per-level"):
+        spec(upsample=("nearest", "bilinear"))
+    with pytest.raises(ValueError, match="upsample"):
+        spec(upsample=("nearest", "cubic", "nearest"))
+
+
+def test_upsample_params_one_mode_a_list_per_level_and_depth_resizes():
+    from dip_core import DipInputError, resolve_preset
+
+    flash = ("nearest", "nearest", "bilinear", "bilinear", "bilinear")
+    assert resolve_preset("flash_no_flash", None).upsample == flash
+    assert resolve_preset("flash_no_flash", {"upsample": "nearest"}).upsample == ("nearest",) * 5
+    listed = ["bilinear", "nearest", "nearest", "bilinear", "nearest"]
+    assert resolve_preset("denoise", {"upsample": listed}).upsample == tuple(listed)
+    assert resolve_preset("flash_no_flash", {"depth": 3}).upsample == flash[:3]
+    assert resolve_preset("flash_no_flash", {"depth": 7}).upsample == flash + ("bilinear",) * 2
+    three = resolve_preset("denoise", {"channels": [8, 8, 8], "upsample": ["nearest"] * 3})
+    assert three.upsample == ("nearest",) * 3
+    for bad in (["nearest"] * 4, ["nearest", "bilinear", 3, "nearest", "nearest"], "cubic"):
+        with pytest.raises(DipInputError, match=r"params\.upsample"):
+            resolve_preset("denoise", {"upsample": bad})
