@@ -85,10 +85,28 @@ def _biharmonic(observation: torch.Tensor, mask: torch.Tensor) -> tuple[str, tor
                                                        channel_axis=-1))  # fmt: skip
 
 
-def denoise(data: Path, size: int) -> Case:
-    clean = to_tensor(load(data / "denoising/F16_GT.png", size))
+# Every colour image of the sample set, as a denoising case (paper: 9 colour images).
+COLOUR_IMAGES = {
+    "F16": "denoising/F16_GT.png",
+    "snail": "denoising/snail.jpg",
+    "kate": "inpainting/kate.png",
+    "library": "inpainting/library.png",
+    "vase": "inpainting/vase.png",
+    "kate2": "restoration/kate.png",
+    "zebra": "sr/zebra_GT.png",
+    "zebracrop": "sr/zebra_crop.png",
+    "flash": "flash_no_flash/cave01_00_flash.jpg",
+    "noflash": "flash_no_flash/cave01_01_noflash.jpg",
+    "building": "feature_inversion/building.jpg",
+    "monkey": "feature_inversion/monkey.jpg",
+}
+
+
+def denoise(data: Path, size: int, name: str = "F16") -> Case:
+    clean = to_tensor(load(data / COLOUR_IMAGES[name], size))
     noisy = (clean + SIGMA * seeded_noise(clean.shape, 0)).clamp(0, 1)
-    return Case("F16 sigma25", "denoise", noisy, clean, baseline=lambda: _nlm_and_bm3d(noisy))
+    return Case(f"{name} sigma25", "denoise", noisy, clean,
+                baseline=lambda: _nlm_and_bm3d(noisy))  # fmt: skip
 
 
 def jpeg(data: Path, size: int) -> Case:
@@ -117,11 +135,10 @@ def random_pixels(data: Path, size: int) -> Case:
                 baseline=lambda: _biharmonic(holed, mask))  # fmt: skip
 
 
-def super_resolution(data: Path, size: int, factor: int) -> Case:
-    # At small sizes the HR image is twice --size: x4 of a 64 px image would leave a
-    # 16 px input, too little to judge anything by.
-    hr_size = 2 * size
-    hr_image = load(data / "sr/zebra_GT.png", hr_size, multiple=factor)
+def super_resolution(data: Path, hr_size: int, factor: int, path: str) -> Case:
+    """The HR image scaled so its longer side is ``hr_size`` (0: native), the LR input made
+    the way users' low-resolution photos are: Pillow's LANCZOS, centred (not our operator)."""
+    hr_image = load(data / path, hr_size, multiple=factor)
     lr_image = hr_image.resize((hr_image.width // factor, hr_image.height // factor),
                                Image.LANCZOS)  # fmt: skip
     hr, lr = to_tensor(hr_image), to_tensor(lr_image)
@@ -129,7 +146,9 @@ def super_resolution(data: Path, size: int, factor: int) -> Case:
     def bicubic():
         return "bicubic", to_tensor(lr_image.resize(hr_image.size, Image.BICUBIC))
 
-    return Case(f"zebra x{factor}", "super_resolution", lr, hr, scale=factor, baseline=bicubic)
+    name = Path(path).stem.replace("_GT", "")
+    return Case(f"{name} x{factor}", "super_resolution", lr, hr, scale=factor,
+                baseline=bicubic)  # fmt: skip
 
 
 def flash(data: Path, size: int) -> Case:
@@ -146,18 +165,34 @@ def preimage(data: Path, size: int) -> Case:
                 feature_net=load_feature_net())  # fmt: skip
 
 
+# Each case takes (data folder, size); SR cases take the HR size (--sr-size) instead.
 CASES: dict[str, Callable[[Path, int], Case]] = {
-    "denoise": denoise,
+    **{f"denoise-{name}": (lambda d, s, n=name: denoise(d, s, n)) for name in COLOUR_IMAGES},
     "jpeg": jpeg,
     "text": lambda d, s: inpaint(d, s, "kate"),
     "region": lambda d, s: inpaint(d, s, "vase"),
     "hole": lambda d, s: inpaint(d, s, "library"),
     "pixels": random_pixels,
-    "sr4": lambda d, s: super_resolution(d, s, 4),
-    "sr8": lambda d, s: super_resolution(d, s, 8),
+    "sr4-zebra": lambda d, s: super_resolution(d, s, 4, "sr/zebra_GT.png"),
+    "sr4-zebracrop": lambda d, s: super_resolution(d, s, 4, "sr/zebra_crop.png"),
+    "sr8-zebra": lambda d, s: super_resolution(d, s, 8, "sr/zebra_GT.png"),
     "flash": flash,
     "preimage": preimage,
 }
+SR_CASES = ("sr4-zebra", "sr4-zebracrop", "sr8-zebra")
+GROUPS = {
+    "denoise": [c for c in CASES if c.startswith("denoise-")],
+    "inpaint": ["text", "region", "hole", "pixels"],
+    "sr": list(SR_CASES),
+}
+
+
+def expand(names: str) -> list[str]:
+    """Case names, with the group names (denoise, inpaint, sr) standing for their cases."""
+    out = []
+    for name in names.split(","):
+        out += GROUPS.get(name, [name])
+    return out
 
 
 def load_case(name: str, data: Path, size: int) -> Case:

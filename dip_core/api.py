@@ -54,7 +54,11 @@ def plan_restore(
     )  # fmt: skip
     configs = [
         FitConfig.from_preset(
-            problem.preset, iterations, seed + member, sync_every=max(1, sync_every)
+            problem.preset,
+            iterations,
+            seed + member,
+            sync_every=max(1, sync_every),
+            adapt_lr="lr" not in (params or {}),
         )
         for member in range(problem.preset.ensemble)
     ]

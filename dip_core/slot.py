@@ -1,15 +1,16 @@
 """One fit's own state inside a packed engine: input, trace, averaging, stopping, rollback.
 
 The trace stays on the device and is read back only at the slot's sync points (every
-``sync_every`` steps). Divergence is checked there: a step whose energy is non-finite or
-jumps above ``divergence_ratio`` times the previous window's median throws the window away
-whole, the slot's weights AND Adam state are restored from its last good checkpoint, and
-the fit continues with fresh jitter (the reference code keeps Adam's moments and still
-applies the bad step).
+``sync_every`` steps). Divergence is checked there: a window with a non-finite energy, or
+whose median is ``divergence_ratio`` above the previous window's, is thrown away whole, the
+slot's weights AND Adam state are restored from its last good checkpoint, its learning rate
+is halved, and the fit continues (the reference code keeps Adam's moments and still applies
+the bad step).
 """
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -38,14 +39,22 @@ class _Checkpoint:
         slot.step = self.step
 
 
-def _first_jump(window: torch.Tensor, level: float, first_step: int, cfg: FitConfig) -> int | None:
-    """Index of the first step of the window whose energy is non-finite or more than
-    ``divergence_ratio`` times ``level`` (the previous window's median energy: where the fit
-    just was, as the reference compares with its previous check), or None."""
-    finite = torch.isfinite(window)
-    checked = torch.arange(first_step, first_step + len(window)) >= cfg.divergence_warmup
-    bad = ~finite | (checked & (window > cfg.divergence_ratio * level))
-    return int(bad.nonzero()[0]) if bool(bad.any()) else None
+def _diverged(window: torch.Tensor, level: float, first_step: int, cfg: FitConfig) -> bool:
+    """True when a step's energy is non-finite, or the window's median sits more than
+    ``divergence_ratio`` above ``level`` (the previous window's median: where the fit just
+    was, as the reference compares with its previous check). A median, not any step: Adam's
+    single-step spikes settle by themselves (large-hole inpainting has dozens per fit)."""
+    if not bool(torch.isfinite(window).all()):
+        return True
+    checked = window[torch.arange(first_step, first_step + len(window)) >= cfg.divergence_warmup]
+    return len(checked) > 0 and float(checked.median()) > cfg.divergence_ratio * level
+
+
+def _bad_start(window: torch.Tensor, level: float, cfg: FitConfig) -> bool:
+    """True when the window's first energy, that of the checkpoint's own weights, is bad:
+    the update just before the checkpoint went wrong."""
+    first = float(window[0])
+    return not math.isfinite(first) or first > cfg.divergence_ratio * level
 
 
 class FitSlot:
@@ -71,7 +80,7 @@ class FitSlot:
             self.stop_stats = torch.full((n,), float("nan"), dtype=torch.float64, device=device)
         self.stopper: VarianceStopper | None = None
         self.average: torch.Tensor | None = None
-        self.step, self.rollbacks, self.level = 0, 0, float("inf")
+        self.step, self.rollbacks, self.level, self.lr_scale = 0, 0, float("inf"), 1.0
         # ``checkpoint`` starts the window being checked; its own energy is the window's
         # first entry, so it is trusted only once that window passes. ``trusted`` is the one
         # before it: where a rollback goes if the checkpoint itself was already diverged.
@@ -82,6 +91,10 @@ class FitSlot:
         net.load_slot(self.index, self.config.seed)
         adam.reset_slot(self.index, self.config.lr)
         self.checkpoint = self.trusted = _Checkpoint(self, net, adam)
+
+    def set_learning_rate(self, adam: FlatAdam) -> None:
+        """The slot's learning rate: the configured one, halved by each rollback."""
+        adam.lr[self.index] = self.config.lr * self.lr_scale
 
     def network_input(self, net: PackedNetwork) -> torch.Tensor:
         if self.step_hook is not None:
@@ -116,14 +129,15 @@ class FitSlot:
         the fit is over, None to go on."""
         cfg, start = self.config, self.checkpoint.step
         window = self.energies[start : self.step].double().cpu()
-        jump = _first_jump(window, self.level, start, cfg)
-        if jump is not None and self.rollbacks < cfg.max_rollbacks:
-            # A jump at the window's first step means the checkpoint's own weights diverged
-            # (the update before it went wrong): go back to the one before.
-            target = self.trusted if jump == 0 else self.checkpoint
+        if _diverged(window, self.level, start, cfg) and self.rollbacks < cfg.max_rollbacks:
+            # If the checkpoint's own weights had diverged, go back to the one before.
+            target = self.trusted if _bad_start(window, self.level, cfg) else self.checkpoint
             target.restore(self, net, adam)
             self.checkpoint = target
             self.rollbacks += 1
+            # Without input jitter the same steps would diverge the same way again.
+            self.lr_scale *= cfg.rollback_lr_factor
+            self.set_learning_rate(adam)
             if self.stopper is not None:
                 self.stopper.forget_from(self.step)
             return None
