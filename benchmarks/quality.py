@@ -92,8 +92,6 @@ def run_seed(case: Case, params: dict, iterations: int, seed: int, args):
 
 
 def budget_steps(preset, budget: str, args) -> int:
-    if args.iterations:
-        return args.iterations
     if budget == "preset":
         return min(args.max_iterations, max(1, round(preset.iterations * args.iterations_scale)))
     return int(budget)
@@ -199,7 +197,7 @@ def parse_args():
     parser.add_argument("--size", type=int, default=64, help="longer side in px; 0 = native")
     parser.add_argument("--channels", type=int, help="network width (default: the preset's)")
     parser.add_argument("--depth", type=int, help="network levels (default: the preset's)")
-    parser.add_argument("--iterations", type=int, help="steps for every case")
+    parser.add_argument("--iterations", type=int, help="steps for every case (not --budgets)")
     parser.add_argument("--iterations-scale", type=float, default=1.0)
     parser.add_argument("--max-iterations", type=int, default=1_000_000)
     parser.add_argument("--seeds", type=int, default=1)
@@ -244,7 +242,7 @@ def main() -> None:
     for name in names:
         started = time.perf_counter()
         case = load_case(name, args.data, args.sr_size if name in SR_CASES else args.size)
-        for budget in args.budgets.split(","):
+        for budget in [str(args.iterations)] if args.iterations else args.budgets.split(","):
             rows.append(evaluate(case, args, budget))
             print(f"[{name} {budget}] {time.perf_counter() - started:.0f} s: {rows[-1]}",
                   flush=True)  # fmt: skip

@@ -50,9 +50,10 @@ def capped_learning_rate(lr: float, preset_steps: int, steps: int) -> float:
     """The learning rate of a preset run for fewer steps than its own: scaled by
     sqrt(preset_steps / steps), never above 0.01 and never below the preset's.
 
-    Only the slow presets move (50%-pixels inpainting: 0.001 over 11,000 steps becomes
-    0.0027 at 1,500). Measured at 1,500 steps on four 96 px photos with half their pixels
-    missing (README "Quality"): 0.003 beat 0.001 by 0.14 dB on average, 0.01 lost 0.11 dB.
+    Only the slow presets move: 50%-pixels inpainting (0.001 over 11,000 steps becomes
+    0.0027 at 1,500) and the pre-image. Measured at 1,500 steps on four 96 px photos with
+    half their pixels missing (README "Quality"): 0.003 beat 0.001 by 0.14 dB on average,
+    0.01 lost 0.11 dB; the pre-image was not measured separately.
     """
     if steps <= 0 or steps >= preset_steps or lr >= CAPPED_LR_CEILING:
         return lr

@@ -47,7 +47,11 @@ def _diverged(window: torch.Tensor, level: float, first_step: int, cfg: FitConfi
     if not bool(torch.isfinite(window).all()):
         return True
     checked = window[torch.arange(first_step, first_step + len(window)) >= cfg.divergence_warmup]
-    return len(checked) > 0 and float(checked.median()) > cfg.divergence_ratio * level
+    # The whole window and its second half: a divergence late in the window moves only the
+    # latter's median (the next window's first step would catch it, but a final window has
+    # no next one).
+    halves = (checked, checked[len(checked) // 2 :])
+    return any(len(h) > 0 and float(h.median()) > cfg.divergence_ratio * level for h in halves)
 
 
 def _bad_start(window: torch.Tensor, level: float, cfg: FitConfig) -> bool:
@@ -195,7 +199,7 @@ class FitSlot:
             seconds=time.perf_counter() - self.started,
             seed=self.config.seed,
             device=str(device),
-            stopped_at=self.stopper.chosen_step() + 1 if reason == "auto" else n,
+            stopped_at=self._decision()[0] if reason == "auto" else n,
             stop_reason=reason,
             rollbacks=self.rollbacks,
             stop_decision=self._decision(),

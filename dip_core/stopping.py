@@ -139,17 +139,19 @@ class VarianceStopper:
         return False
 
     def chosen_step(self) -> int:
-        """The step whose result is kept: the lowest variance, plus the result delay."""
+        """The step whose result is kept so far: the lowest variance, plus the delay."""
         return int(self.best_step) + self.rule.result_delay
 
     def forget_from(self, step: int) -> None:
-        """After a rollback to ``step``: empty the windows, disarm, and drop a best found
-        after it."""
+        """After a rollback to ``step``: empty the windows, disarm, and drop a best (and a
+        decision) whose image is not captured yet or came from the steps thrown away."""
         self.count = 0
         for tensor in (self.sum, self.sum_squares, self.recent_energy, self.older_energy):
             tensor.zero_()
         self.armed.fill_(False)
-        if int(self.best_step) >= step:
+        if self.decision is not None and self.decision[0] >= step:
+            self.decision = None
+        if self.decision is None and int(self.capture_step) >= step:
             self.best_variance.fill_(float("inf"))
             self.best_step.fill_(-1)
             self.capture_step.fill_(-1)

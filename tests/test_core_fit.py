@@ -165,6 +165,8 @@ def test_divergence_is_judged_against_the_previous_window():
     assert not _diverged(window(0.38, 0.45, 9.0, 0.5), level, 40, cfg)  # one spike
     assert _diverged(window(0.38, 1.5, 1.4, 2.0), level, 40, cfg)  # 1.45 > 3.16 * 0.4
     assert _diverged(window(0.38, float("nan"), 0.4), level, 40, cfg)
+    late = window(0.38, 0.4, 0.41, 0.39, 1.5, 1.6, 1.7, 1.4)  # the second half diverged
+    assert _diverged(late, level, 40, cfg)
     warm = FitConfig(100, 0.01, 0.0, 0.0, divergence_warmup=50)
     assert not _diverged(window(0.38, 1.5, 1.4, 2.0), level, 40, warm)  # early bounces
     assert _bad_start(window(1.5, 1.4), level, cfg) and not _bad_start(window(0.4, 2), level, cfg)

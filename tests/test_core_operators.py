@@ -66,9 +66,15 @@ def as_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, np.float32) / 255).permute(2, 0, 1)[None]
 
 
-@pytest.mark.parametrize(("factor", "floor_db"), [(2, 40.0), (4, 40.0), (8, 38.0)])
-@pytest.mark.parametrize("kind", ["lanczos2", "lanczos3"])
-def test_downsampler_agrees_with_pillow_lanczos(factor, floor_db, kind):
+@pytest.mark.parametrize(
+    ("kind", "factor", "floor_db"),
+    [
+        ("lanczos2", 2, 40.0), ("lanczos2", 4, 40.0), ("lanczos2", 8, 38.0),
+        # Pillow's LANCZOS is Lanczos-3: the same kernel, so a far closer match.
+        ("lanczos3", 2, 47.0), ("lanczos3", 4, 47.0), ("lanczos3", 8, 45.0),
+    ],
+)  # fmt: skip
+def test_downsampler_agrees_with_pillow_lanczos(kind, factor, floor_db):
     """A user's low-resolution photo was made the usual, centred way: the operator must
     reproduce Pillow's LANCZOS downscale, not a copy shifted by (factor - 1) / 2 pixels."""
     hr = natural_image()

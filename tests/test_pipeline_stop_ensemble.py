@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from conftest import tiny_image, write_manifest, write_png
 from typer.testing import CliRunner
@@ -18,7 +19,9 @@ SMALL = {"channels": 8, "depth": 3, "input_depth": 8, "stop_window": 5, "stop_pa
 
 @pytest.mark.ray
 def test_stop_and_ensemble_flags_apply_unless_the_job_overrides(tmp_path, ray_local):
-    image = write_png(tmp_path / "a.png", tiny_image(0, 16))
+    # Noisy: denoising's stopping rule arms once the fit reaches the noise level.
+    noise = np.random.default_rng(0).normal(0.0, 0.1, (3, 16, 16)).astype(np.float32)
+    image = write_png(tmp_path / "a.png", (tiny_image(0, 16) + noise).clip(0, 1))
     rows = [
         {"id": "auto", "task": "denoise", "image": image, "iterations": 400,
          "params": json.dumps(SMALL)},
