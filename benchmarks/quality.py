@@ -59,6 +59,7 @@ class Row:
     seconds_per_step: float
     fixed_psnr_y: float | None = None  # super-resolution: Y channel, border cropped
     baseline_psnr_y: float | None = None
+    rollbacks: int = 0  # divergence rollbacks over every seed's fit
 
 
 def metric(case: Case, image: torch.Tensor) -> tuple[float | None, float | None]:
@@ -129,7 +130,7 @@ def evaluate(case: Case, args, budget: str) -> Row:
         auto_psnr, auto_psnr if preset.stop == "auto" else fixed_psnr,
         oracle[1] if oracle else None, oracle[0] if oracle else None, ens2,
         base_name, base[0], base[1], sum(r.seconds for r in results) / steps,
-        fixed_y, psnr_y_of(case, base_image),
+        fixed_y, psnr_y_of(case, base_image), sum(r.rollbacks for r in results),
     )  # fmt: skip
 
 
@@ -152,7 +153,7 @@ COLUMNS = (
     ("oracle dB", "oracle_psnr", 2), ("ens2 dB", "ens2_psnr", 2), ("baseline", "baseline", 0),
     ("base dB", "baseline_psnr", 2), ("base SSIM", "baseline_ssim", 3),
     ("fixed Y dB", "fixed_psnr_y", 2), ("base Y dB", "baseline_psnr_y", 2),
-    ("s/step", "seconds_per_step", 4),
+    ("s/step", "seconds_per_step", 4), ("rollbacks", "rollbacks", 0),
 )  # fmt: skip
 
 
