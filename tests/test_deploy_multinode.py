@@ -51,6 +51,9 @@ HEAD_IP, NODE_B_IP = "127.0.0.2", "127.0.0.3"
 BIN = Path(sys.executable).parent  # the venv's `ray` and `dippipe`
 JOBS = 24
 KILL_AFTER_IMAGES = 8  # stop node B once this many PNGs exist: both nodes are busy by then
+# Steps per job: enough that the 16 jobs left when node B dies keep the head's two workers
+# busy well past the 2 s grace below (at 60 steps a fast machine finished them within it).
+STEPS = 300
 PARAMS = json.dumps({"channels": 8, "depth": 3, "input_depth": 8})
 # The whole run takes well under a minute here; once node B is gone, the rest takes seconds.
 START_TIMEOUT_S, FINISH_TIMEOUT_S = 150, 120
@@ -242,7 +245,7 @@ def _write_manifest(folder: Path) -> Path:
             "id": [f"job-{i:02d}" for i in range(JOBS)],
             "task": ["denoise"] * JOBS,
             "image": [str(p) for p in images],
-            "iterations": pa.array([60] * JOBS, pa.int32()),
+            "iterations": pa.array([STEPS] * JOBS, pa.int32()),
             "params": [PARAMS] * JOBS,
         }
     )
