@@ -18,7 +18,7 @@ class FitConfig:
     exp_weight: float  # 0: the result is the last output, not an average
     seed: int = 0
     sync_every: int = 50  # steps between host reads of the trace (progress, divergence)
-    divergence_ratio: float = 10**0.5  # a window's median 5 dB above the one before diverged
+    divergence_ratio: float = 10**0.5  # a window's median 5 dB above the last one's: diverged
     divergence_warmup: int = 50  # early steps bounce; they are not checked
     max_rollbacks: int = 10
     rollback_lr_factor: float = 0.5  # each rollback scales the fit's learning rate by this

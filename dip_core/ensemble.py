@@ -17,7 +17,8 @@ from .tasks import Problem
 
 def combine(problem: Problem, members: list[FitResult]) -> FitResult:
     """One result from several: the mean image, its energy and PSNR; member 0's trace,
-    stop reason and stop decision; the steps and seconds of all members summed."""
+    stopped_at, stop reason and stop decision; the steps, seconds and rollbacks of all
+    members summed."""
     first = members[0]
     if len(members) == 1:
         return first

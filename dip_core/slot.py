@@ -2,7 +2,8 @@
 
 The trace stays on the device and is read back only at the slot's sync points (every
 ``sync_every`` steps). Divergence is checked there: a window with a non-finite energy, or
-whose median is ``divergence_ratio`` above the previous window's, is thrown away whole, the
+whose median (or its second half's, or at the end its last energy) is ``divergence_ratio``
+above the previous window's median, is thrown away whole, the
 slot's weights AND Adam state are restored from its last good checkpoint, its learning rate
 is halved, and the fit continues (the reference code keeps Adam's moments and still applies
 the bad step).
@@ -39,7 +40,9 @@ class _Checkpoint:
         slot.step = self.step
 
 
-def _diverged(window: torch.Tensor, level: float, first_step: int, cfg: FitConfig) -> bool:
+def _diverged(
+    window: torch.Tensor, level: float, first_step: int, cfg: FitConfig, final: bool = False
+) -> bool:
     """True when a step's energy is non-finite, or the window's median sits more than
     ``divergence_ratio`` above ``level`` (the previous window's median: where the fit just
     was, as the reference compares with its previous check). A median, not any step: Adam's
@@ -48,10 +51,10 @@ def _diverged(window: torch.Tensor, level: float, first_step: int, cfg: FitConfi
         return True
     checked = window[torch.arange(first_step, first_step + len(window)) >= cfg.divergence_warmup]
     # The whole window and its second half: a divergence late in the window moves only the
-    # latter's median (the next window's first step would catch it, but a final window has
-    # no next one).
-    halves = (checked, checked[len(checked) // 2 :])
-    return any(len(h) > 0 and float(h.median()) > cfg.divergence_ratio * level for h in halves)
+    # latter's median. The next window's first step catches one later still, but the final
+    # window has no next one: there the last step is judged alone.
+    parts = [checked, checked[len(checked) // 2 :]] + ([checked[-1:]] if final else [])
+    return any(len(p) > 0 and float(p.median()) > cfg.divergence_ratio * level for p in parts)
 
 
 def _bad_start(window: torch.Tensor, level: float, cfg: FitConfig) -> bool:
@@ -133,7 +136,8 @@ class FitSlot:
         the fit is over, None to go on."""
         cfg, start = self.config, self.checkpoint.step
         window = self.energies[start : self.step].double().cpu()
-        if _diverged(window, self.level, start, cfg) and self.rollbacks < cfg.max_rollbacks:
+        final = self.step >= cfg.iterations
+        if _diverged(window, self.level, start, cfg, final) and self.rollbacks < cfg.max_rollbacks:
             # If the checkpoint's own weights had diverged, go back to the one before.
             target = self.trusted if _bad_start(window, self.level, cfg) else self.checkpoint
             target.restore(self, net, adam)
@@ -154,7 +158,7 @@ class FitSlot:
         # Asked even when not enforced: the rule then records where it would have stopped.
         if self.stopper is not None and self.stopper.should_stop(self.step) and cfg.stop_enforced:
             return "auto"
-        return "iterations" if self.step >= cfg.iterations else None
+        return "iterations" if final else None
 
     def _notify(self, window: torch.Tensor) -> bool:
         if not self.callbacks:

@@ -216,9 +216,9 @@ def build_problem(
     )  # fmt: skip
 
 
-# The averaged output is at its best when the raw outputs' residual is ~0.87-0.98 of the
-# noise variance (measured on scikit-image photos, benchmarks/quality.py's notes); the
-# estimate runs up to ~20% high in variance on textured images: 0.9 keeps the rule late.
+# The averaged output is at its best when the raw outputs' residual is 0.81-0.98 of the
+# noise variance, and the estimate ran up to 22% high in variance on textured photos (40% on
+# a zebra's stripes): 0.9 keeps the rule late rather than early (README "Quality").
 NOISE_FLOOR_SHARE = 0.9
 
 

@@ -154,10 +154,31 @@ def test_a_checkpoint_taken_after_a_diverging_update_is_not_restored(monkeypatch
     assert recovered.energy < 2 * healthy.energy  # at half the learning rate from step 40
 
 
+def test_a_divergence_in_the_last_steps_is_not_returned(monkeypatch):
+    """The update of step 56 blows up 3 steps before the end: too few to move the final
+    window's medians, so the final window's last energy is judged alone."""
+    clean, noisy = synthetic(16, 16)
+    config = FitConfig(60, 0.01, 0.0, 0.0, seed=0, sync_every=20, divergence_warmup=20)
+    healthy = fit(build_problem("denoise", noisy, reference=clean, params=SMALL), config)
+    original, calls = FlatAdam.step, []
+
+    def diverging_step(self):
+        original(self)
+        calls.append(1)
+        if len(calls) == 57:
+            with torch.no_grad():
+                self.flat.mul_(-30.0)
+
+    monkeypatch.setattr(FlatAdam, "step", diverging_step)
+    recovered = fit(build_problem("denoise", noisy, reference=clean, params=SMALL), config)
+    assert recovered.rollbacks == 1 and recovered.iterations == 60
+    assert recovered.energy < 2 * healthy.energy
+
+
 def test_divergence_is_judged_against_the_previous_window():
-    """Diverged: a non-finite energy, or a window whose median is 5 dB above the previous
-    window's (the reference compares with its previous check); not a single spike, and not
-    a lucky low point from long ago."""
+    """Diverged: a non-finite energy, or a window whose median (or its second half's) is
+    5 dB above the previous window's (the reference compares with its previous check); not
+    a single spike, unless it is the fit's last step, and not a low point from long ago."""
     cfg = FitConfig(100, 0.01, 0.0, 0.0, divergence_warmup=0)
     level = 0.4  # the previous window's median (the best ever was, say, 0.1)
     window = lambda *values: torch.tensor(values, dtype=torch.float64)  # noqa: E731
@@ -167,6 +188,8 @@ def test_divergence_is_judged_against_the_previous_window():
     assert _diverged(window(0.38, float("nan"), 0.4), level, 40, cfg)
     late = window(0.38, 0.4, 0.41, 0.39, 1.5, 1.6, 1.7, 1.4)  # the second half diverged
     assert _diverged(late, level, 40, cfg)
+    last = window(0.38, 0.4, 0.41, 0.39, 0.4, 0.42, 0.4, 1.4)
+    assert not _diverged(last, level, 40, cfg) and _diverged(last, level, 40, cfg, final=True)
     warm = FitConfig(100, 0.01, 0.0, 0.0, divergence_warmup=50)
     assert not _diverged(window(0.38, 1.5, 1.4, 2.0), level, 40, warm)  # early bounces
     assert _bad_start(window(1.5, 1.4), level, cfg) and not _bad_start(window(0.4, 2), level, cfg)

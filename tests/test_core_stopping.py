@@ -87,6 +87,12 @@ def test_a_result_delay_keeps_the_result_that_many_steps_after_the_minimum():
     assert StopRule.for_averaging(50, 30, 0.99).result_delay == 29  # always before firing
 
 
+# A Python scalar made a tensor (a host-to-device copy), a tensor read as a Python number,
+# and a data-dependent shape: each makes a CUDA stream and the host wait for each other.
+# (.cpu() and .tolist() do not dispatch on a CPU tensor; the CUDA tests cover the device.)
+SYNCING_OPS = ("lift_fresh", "_local_scalar_dense", "nonzero")
+
+
 class HostSyncCounter:
     """Counts the ops that make a CUDA stream wait for the host or the host for the
     stream: a Python scalar turned into a tensor (``lift_fresh``: a host-to-device copy)
@@ -99,7 +105,7 @@ class HostSyncCounter:
 
         class Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                if "lift_fresh" in str(func) or "_local_scalar_dense" in str(func):
+                if any(op in str(func) for op in SYNCING_OPS):
                     counter.syncs += 1
                 return func(*args, **(kwargs or {}))
 
@@ -137,19 +143,32 @@ def test_a_whole_fit_syncs_only_at_its_sync_points():
 def test_a_rollback_before_the_capture_drops_the_pending_choice():
     """Lowest variance at step 2, its image due at step 4 (delay 2); a rollback to step 3
     empties the window, so step 4 would never be captured: the choice must go too, and the
-    image kept must be the one of the step the stopper names."""
+    image kept must be the one of the step the stopper names. Every variance after the
+    rollback is higher than step 2's: keeping the old choice would return a blank image."""
     rule = StopRule(window=3, patience=50, result_delay=2)
     stopper = VarianceStopper(rule, torch.zeros(1, 1, 1, 1), ARMED)
     feed(stopper, [0.0, 0.1, 0.2, 5.0])  # variance lowest at step 2
     assert stopper.chosen_step() == 4
     stopper.forget_from(3)
-    levels = {3: 7.0, 4: 7.5, 5: 7.6, 6: 7.65, 7: 9.0, 8: 12.0, 9: 20.0}
+    levels = {3: 7.0, 4: 8.0, 5: 9.5, 6: 11.0, 7: 13.0}
     for step, level in levels.items():
         frame = torch.full((1, 1, 1, 1), level)
         stopper.update(step, frame, frame + 100, torch.tensor(1.0))
     chosen = stopper.chosen_step()
-    assert chosen == 8  # the lowest variance since the rollback is at step 6
+    assert chosen == 7  # the first full window after the rollback (step 5), plus 2
     assert stopper.best_image.item() == pytest.approx(levels[chosen] + 100)
+
+
+def test_a_rollback_before_the_chosen_step_clears_the_decision():
+    """Not enforced, the rule has decided; a rollback to before the image it chose throws
+    that image's path away, so the decision goes too."""
+    stopper = VarianceStopper(StopRule(window=2, patience=2), torch.zeros(1, 1, 1, 1), ARMED)
+    feed(stopper, [0.0, 1.0, 1.1, 1.15, 3.0, 6.0, 10.0])
+    assert stopper.should_stop(7) and stopper.decision == (3, 7)
+    stopper.forget_from(5)  # after the chosen step: the choice stands
+    assert stopper.decision == (3, 7)
+    stopper.forget_from(3)
+    assert stopper.decision is None and int(stopper.best_step) == -1
 
 
 def offline_rule(stats, energies, floor, rule):
@@ -174,6 +193,7 @@ def test_auto_stop_fires_where_the_rule_written_out_does_and_returns_that_image(
     observed = fit(problem, config)
     expected = offline_rule(observed.stop_stats, observed.energies, problem.energy_floor, rule)
     assert expected is not None, "the rule should fire on this noisy image"
+    assert observed.rollbacks == 0  # the written-out rule knows nothing of rollbacks
     assert observed.stop_decision == expected and observed.iterations == 400
     chosen, fired = expected
     problem = build_problem("denoise", noisy, reference=clean, params=SMALL)
