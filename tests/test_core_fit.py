@@ -108,6 +108,23 @@ def test_checkpoint_restores_a_slots_weights_and_adam_state():
     assert torch.equal(net.slot_weights(0), untouched)  # the idle slot never moved
 
 
+def blow_up_after_update(monkeypatch, update: int) -> list[float]:
+    """Make Adam's ``update``-th step (counting from 1) multiply every weight by -30: a
+    divergence inside the optimiser, after that step's energy was recorded. Returns the
+    learning rate of slot 0 at each update, filled as the fit runs."""
+    original, rates = FlatAdam.step, []
+
+    def diverging_step(self):
+        rates.append(float(self.lr[0]))
+        original(self)
+        if len(rates) == update:
+            with torch.no_grad():
+                self.flat.mul_(-30.0)
+
+    monkeypatch.setattr(FlatAdam, "step", diverging_step)
+    return rates
+
+
 def test_a_diverged_window_is_rolled_back_and_the_fit_recovers():
     clean, noisy = synthetic(16, 16)
     problem = build_problem("denoise", noisy, reference=clean, params=SMALL)
@@ -138,16 +155,7 @@ def test_a_checkpoint_taken_after_a_diverging_update_is_not_restored(monkeypatch
     clean, noisy = synthetic(16, 16)
     config = FitConfig(120, 0.01, 0.0, 0.0, seed=0, sync_every=20, divergence_warmup=20)
     healthy = fit(build_problem("denoise", noisy, reference=clean, params=SMALL), config)
-    original, calls = FlatAdam.step, []
-
-    def diverging_step(self):
-        original(self)
-        calls.append(1)
-        if len(calls) == 60:  # the update made by step 59
-            with torch.no_grad():
-                self.flat.mul_(-30.0)
-
-    monkeypatch.setattr(FlatAdam, "step", diverging_step)
+    blow_up_after_update(monkeypatch, 60)  # the update made by step 59
     recovered = fit(build_problem("denoise", noisy, reference=clean, params=SMALL), config)
     assert recovered.rollbacks == 1 and recovered.iterations == 120
     assert recovered.energies[20:].max() < 2 * healthy.energies[20:].max()  # the jump is gone
@@ -160,16 +168,7 @@ def test_a_divergence_in_the_last_steps_is_not_returned(monkeypatch):
     clean, noisy = synthetic(16, 16)
     config = FitConfig(60, 0.01, 0.0, 0.0, seed=0, sync_every=20, divergence_warmup=20)
     healthy = fit(build_problem("denoise", noisy, reference=clean, params=SMALL), config)
-    original, calls = FlatAdam.step, []
-
-    def diverging_step(self):
-        original(self)
-        calls.append(1)
-        if len(calls) == 57:
-            with torch.no_grad():
-                self.flat.mul_(-30.0)
-
-    monkeypatch.setattr(FlatAdam, "step", diverging_step)
+    blow_up_after_update(monkeypatch, 57)
     recovered = fit(build_problem("denoise", noisy, reference=clean, params=SMALL), config)
     assert recovered.rollbacks == 1 and recovered.iterations == 60
     assert recovered.energy < 2 * healthy.energy
@@ -199,16 +198,7 @@ def test_a_rollback_halves_the_learning_rate(monkeypatch):
     """Without jitter a rollback would replay the same steps into the same divergence."""
     clean, noisy = synthetic(16, 16)
     config = FitConfig(60, 0.01, 0.0, 0.0, seed=0, sync_every=20, divergence_warmup=20)
-    rates, original = [], FlatAdam.step
-
-    def record_and_corrupt(self):
-        rates.append(float(self.lr[0]))
-        original(self)
-        if len(rates) == 30:
-            with torch.no_grad():
-                self.flat.mul_(-30.0)
-
-    monkeypatch.setattr(FlatAdam, "step", record_and_corrupt)
+    rates = blow_up_after_update(monkeypatch, 30)
     result = fit(build_problem("denoise", noisy, reference=clean, params=SMALL), config)
     assert result.rollbacks == 1
     assert rates[0] == pytest.approx(0.01) and rates[-1] == pytest.approx(0.005)
