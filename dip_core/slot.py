@@ -2,7 +2,7 @@
 
 The trace stays on the device and is read back only at the slot's sync points (every
 ``sync_every`` steps). Divergence is checked there: a window with a non-finite energy, or
-whose median (or its second half's, or at the end its last energy) is ``divergence_ratio``
+whose median (or its second half's, or at the end its last 3 steps') is ``divergence_ratio``
 above the previous window's median, is thrown away whole, the
 slot's weights AND Adam state are restored from its last good checkpoint, its learning rate
 is halved, and the fit continues (the reference code keeps Adam's moments and still applies
@@ -40,6 +40,9 @@ class _Checkpoint:
         slot.step = self.step
 
 
+LAST_STEPS = 3  # the final window's last steps, judged on their own
+
+
 def _diverged(
     window: torch.Tensor, level: float, first_step: int, cfg: FitConfig, final: bool = False
 ) -> bool:
@@ -52,8 +55,10 @@ def _diverged(
     checked = window[torch.arange(first_step, first_step + len(window)) >= cfg.divergence_warmup]
     # The whole window and its second half: a divergence late in the window moves only the
     # latter's median. The next window's first step catches one later still, but the final
-    # window has no next one: there the last step is judged alone.
-    parts = [checked, checked[len(checked) // 2 :]] + ([checked[-1:]] if final else [])
+    # window has no next one: there its last 3 steps are judged too (a median of 3: one
+    # spike at the very end is not a divergence; a pre-image fit has them).
+    tail = [checked[-LAST_STEPS:]] if final else []
+    parts = [checked, checked[len(checked) // 2 :], *tail]
     return any(len(p) > 0 and float(p.median()) > cfg.divergence_ratio * level for p in parts)
 
 
