@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.quality_cases import CASES, GROUPS, SR_CASES, Case, expand, load_case
-from dip_core import FitConfig, build_problem, fit, psnr, psnr_y, resolve_preset, ssim
+from dip_core import fit, psnr, psnr_y, resolve_preset, ssim
+from dip_core.api import plan_restore
 from dip_core.stopping import StopRule
 
 
@@ -77,19 +78,18 @@ def psnr_y_of(case: Case, image: torch.Tensor | None) -> float | None:
 
 
 def run_seed(case: Case, params: dict, iterations: int, seed: int, args):
-    problem = build_problem(
+    """One fit planned as ``restore`` plans it, with the stopping rule recorded, not enforced
+    (tasks that do not stop by default get the preset's rule too, for the auto column)."""
+    plan = plan_restore(
         case.task, case.observation, mask=case.mask, guide=case.guide, scale=case.scale,
-        reference=case.reference, params=params, feature_net=case.feature_net,
+        reference=case.reference, iterations=iterations, seed=seed, params=params,
+        feature_net=case.feature_net, sync_every=100,
     )  # fmt: skip
-    config = FitConfig.from_preset(
-        problem.preset, iterations, seed, sync_every=100, adapt_lr="lr" not in params
-    )
-    preset = problem.preset
+    config, preset = plan.configs[0], plan.problem.preset
     rule = config.stop or StopRule.for_averaging(
         preset.stop_window, preset.stop_patience, preset.exp_weight
     )
-    config = replace(config, stop=rule, stop_enforced=False)
-    return fit(problem, config, device=args.device)
+    return fit(plan.problem, replace(config, stop=rule, stop_enforced=False), device=args.device)
 
 
 def budget_steps(preset, budget: str, args) -> int:

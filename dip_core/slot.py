@@ -3,10 +3,9 @@
 The trace stays on the device and is read back only at the slot's sync points (every
 ``sync_every`` steps). Divergence is checked there: a window with a non-finite energy, or
 whose median (or its second half's, or at the end its last 3 steps') is ``divergence_ratio``
-above the previous window's median, is thrown away whole, the
-slot's weights AND Adam state are restored from its last good checkpoint, its learning rate
-is halved, and the fit continues (the reference code keeps Adam's moments and still applies
-the bad step).
+above the previous window's median, is thrown away whole, the slot's weights AND Adam state
+are restored from its last good checkpoint, its learning rate is halved, and the fit
+continues (the reference code keeps Adam's moments and still applies the bad step).
 """
 
 from __future__ import annotations
@@ -92,7 +91,7 @@ class FitSlot:
             self.stop_stats = torch.full((n,), float("nan"), dtype=torch.float64, device=device)
         self.stopper: VarianceStopper | None = None
         self.average: torch.Tensor | None = None
-        self.step, self.rollbacks, self.level, self.lr_scale = 0, 0, float("inf"), 1.0
+        self.step, self.rollbacks, self.level = 0, 0, float("inf")
         # ``checkpoint`` starts the window being checked; its own energy is the window's
         # first entry, so it is trusted only once that window passes. ``trusted`` is the one
         # before it: where a rollback goes if the checkpoint itself was already diverged.
@@ -103,10 +102,6 @@ class FitSlot:
         net.load_slot(self.index, self.config.seed)
         adam.reset_slot(self.index, self.config.lr)
         self.checkpoint = self.trusted = _Checkpoint(self, net, adam)
-
-    def set_learning_rate(self, adam: FlatAdam) -> None:
-        """The slot's learning rate: the configured one, halved by each rollback."""
-        adam.lr[self.index] = self.config.lr * self.lr_scale
 
     def network_input(self, net: PackedNetwork) -> torch.Tensor:
         if self.step_hook is not None:
@@ -129,8 +124,7 @@ class FitSlot:
         if self.stop_rule is not None:
             if self.stopper is None:
                 self.stopper = VarianceStopper(self.stop_rule, crop, self.problem.energy_floor)
-            stat = self.stopper.update(self.step, crop, current, energy)
-            self.stop_stats[self.step] = stat
+            self.stop_stats[self.step] = self.stopper.update(self.step, crop, current, energy)
         self.step += 1
 
     def due(self) -> bool:
@@ -149,8 +143,7 @@ class FitSlot:
             self.checkpoint = target
             self.rollbacks += 1
             # Without input jitter the same steps would diverge the same way again.
-            self.lr_scale *= cfg.rollback_lr_factor
-            self.set_learning_rate(adam)
+            adam.lr[self.index] = cfg.lr * cfg.rollback_lr_factor**self.rollbacks
             if self.stopper is not None:
                 self.stopper.forget_from(self.step)
             return None

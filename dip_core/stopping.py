@@ -6,7 +6,8 @@ fits the image, successive outputs change less and less; once it starts fitting 
 they change more again, so the variance of the last ``window`` outputs has a minimum near
 the best step. With DIP's input jitter the variance also measures how sensitive the network
 is to its input, which grows as it fits detail: the variance often has its lowest value on
-the early transient (step ~150 of 1,500 on a 96 px photo, 3-4 dB below the best image).
+the early transient (step 149 of 1,500 on scikit-image's rocket at 96 px, where the image
+100 steps later was 2.7 dB below the best one, at step 476).
 
 So the rule only considers a step once the fit is *armed*:
 - where the task knows its noise floor (denoising: a fraction of the noise variance
