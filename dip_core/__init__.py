@@ -1,35 +1,51 @@
 """Deep Image Prior: the method, in pure torch (no I/O, no scheduling).
 
-``restore(task, observation, ...)`` is the one-call entry point; the modules below it are
-the pieces (networks, inputs, operators, energies, presets, the fitting loop, metrics).
+``restore(task, observation, ...)`` is the one-call entry point. A batch system uses the
+public batch API below and nothing deeper: ``plan_restore`` validates a job and plans its
+fits, ``run_plan`` fits and combines them (with its own fitting function, e.g. packing fits
+of several jobs through ``PackedRunner``), ``TASKS`` and ``INPUT_ROLES`` say what each task
+needs. The modules are the pieces (networks, inputs, operators, energies, presets, tasks,
+the fitting loop, metrics).
 """
 
-from .api import restore
+from .api import RestorePlan, plan_restore, restore, run_plan
+from .engine import EngineOptions, slots_that_fit
 from .errors import DipInputError
 from .feature_nets import mobilenet_v2_features
-from .fit import FitConfig, FitProgress, FitResult, fit
+from .fit import FitConfig, FitItem, FitProgress, FitResult, PackedRunner, fit, resolve_device
 from .metrics import psnr, psnr_y, ssim
 from .networks import SkipSpec, build_network
 from .presets import PRESETS, TASKS, Preset
+from .roles import INPUT_ROLES, InputRole
 from .tasks import build_problem, check_params, resolve_preset
 
 __all__ = [
+    "INPUT_ROLES",
     "PRESETS",
     "TASKS",
     "DipInputError",
+    "EngineOptions",
     "FitConfig",
+    "FitItem",
     "FitProgress",
     "FitResult",
+    "InputRole",
+    "PackedRunner",
     "Preset",
+    "RestorePlan",
     "SkipSpec",
     "build_network",
     "build_problem",
     "check_params",
     "fit",
     "mobilenet_v2_features",
+    "plan_restore",
     "psnr",
     "psnr_y",
+    "resolve_device",
     "resolve_preset",
     "restore",
+    "run_plan",
+    "slots_that_fit",
     "ssim",
 ]

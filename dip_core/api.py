@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -85,9 +85,26 @@ def restore(
     Raises DipInputError on bad input.
     """
     plan = plan_restore(task, observation, **job)
-    members = [
-        fit(plan.problem, config, device=device, callbacks=callbacks, step_hook=step_hook,
-            options=options)
-        for config in plan.configs
-    ]  # fmt: skip
+
+    def fit_members(plan: RestorePlan) -> list[FitResult]:
+        return [
+            fit(plan.problem, config, device=device, callbacks=callbacks, step_hook=step_hook,
+                options=options)
+            for config in plan.configs
+        ]  # fmt: skip
+
+    return run_plan(plan, fit_members)
+
+
+def run_plan(
+    plan: RestorePlan, fit_members: Callable[[RestorePlan], list[FitResult]] | None = None
+) -> FitResult:
+    """Fit a plan's members and combine them into the job's result (``restore`` after
+    ``plan_restore``). ``fit_members`` fits them all (default: one after the other with
+    ``fit``, on the default device); a batch worker passes its own, e.g. packing them with
+    other jobs' fits on one GPU."""
+    if fit_members is None:
+        members = [fit(plan.problem, config) for config in plan.configs]
+    else:
+        members = fit_members(plan)
     return combine(plan.problem, members)
