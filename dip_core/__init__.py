@@ -15,11 +15,12 @@ from .feature_nets import mobilenet_v2_features
 from .fit import FitConfig, FitItem, FitProgress, FitResult, PackedRunner, fit, resolve_device
 from .metrics import psnr, psnr_y, ssim
 from .networks import SkipSpec, build_network
-from .presets import PRESETS, TASKS, Preset
-from .roles import INPUT_ROLES, InputRole
-from .tasks import build_problem, check_params, resolve_preset
+from .presets import Preset
+from .roles import COMPANION_ROLES, INPUT_ROLES, InputRole
+from .tasks import PRESETS, TASKS, Task, build_problem, check_params, get_task, resolve_preset
 
 __all__ = [
+    "COMPANION_ROLES",
     "INPUT_ROLES",
     "PRESETS",
     "TASKS",
@@ -34,10 +35,12 @@ __all__ = [
     "Preset",
     "RestorePlan",
     "SkipSpec",
+    "Task",
     "build_network",
     "build_problem",
     "check_params",
     "fit",
+    "get_task",
     "mobilenet_v2_features",
     "plan_restore",
     "psnr",

@@ -12,28 +12,18 @@ from typing import Any
 
 from .errors import DipInputError
 from .networks import DOWNSAMPLE_MODES, PADDING_MODES, UPSAMPLE_MODES
-from .operators import DOWNSAMPLERS
-from .presets import INPAINT_VARIANTS, Preset
+from .presets import Preset
 
 COMMON_KEYS = (
     "lr", "reg_noise_std", "exp_weight", "input_depth", "input", "channels", "depth",
     "skip_channels", "kernel_down", "kernel_up", "upsample", "downsample", "padding",
     "noise_scale", "stop", "stop_window", "stop_patience", "ensemble",
 )  # fmt: skip
-TASK_KEYS = {
-    "inpaint": ("variant",),
-    "super_resolution": ("downsampler",),
-    "preimage": ("feature_layer", "feature_weights"),
-}
 MAX_DEPTH = 8
 STOP_MODES = ("auto", "fixed")
 
 
-def allowed_keys(task: str) -> tuple[str, ...]:
-    return COMMON_KEYS + TASK_KEYS.get(task, ())
-
-
-def _number(params: dict, key: str, low: float, high: float, *, low_open=False) -> float:
+def number(params: dict, key: str, low: float, high: float, *, low_open=False) -> float:
     value = params[key]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise DipInputError(f"params.{key} must be a finite number, got {value!r}")
@@ -43,13 +33,13 @@ def _number(params: dict, key: str, low: float, high: float, *, low_open=False) 
     return float(value)
 
 
-def _integer(value: Any, key: str, low: int, high: int) -> int:
+def integer(value: Any, key: str, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise DipInputError(f"params.{key} must be an integer in [{low}, {high}], got {value!r}")
     return value
 
 
-def _choice(params: dict, key: str, choices: tuple[str, ...]) -> str:
+def choice(params: dict, key: str, choices: tuple[str, ...]) -> str:
     if params[key] not in choices:
         raise DipInputError(f"params.{key} must be one of {list(choices)}, got {params[key]!r}")
     return params[key]
@@ -59,7 +49,7 @@ def _per_level(value: Any, key: str, depth: int, low: int, *, odd=False) -> tupl
     values = value if isinstance(value, list) else [value] * depth
     if len(values) != depth:
         raise DipInputError(f"params.{key} has {len(values)} entries but the network has {depth}")
-    checked = tuple(_integer(v, key, low, 1024) for v in values)
+    checked = tuple(integer(v, key, low, 1024) for v in values)
     if odd and any(v % 2 == 0 for v in checked):
         raise DipInputError(f"params.{key} must be odd kernel sizes, got {value!r}")
     return checked
@@ -75,7 +65,7 @@ def _network_overrides(preset: Preset, params: dict) -> dict:
     if isinstance(params.get("channels"), list):
         depth = len(params["channels"])
     if "depth" in params:
-        depth = _integer(params["depth"], "depth", 1, MAX_DEPTH)
+        depth = integer(params["depth"], "depth", 1, MAX_DEPTH)
     fields = {
         "channels_down": ("channels", 1, False),
         "channels_up": ("channels", 1, False),
@@ -115,13 +105,13 @@ def _input_overrides(preset: Preset, params: dict) -> dict:
     out: dict[str, Any] = {}
     if "input" in params:
         if preset.input_kind == "image":
-            raise DipInputError("params.input cannot change flash_no_flash's image input")
-        out["input_kind"] = _choice(params, "input", ("noise", "meshgrid"))
+            raise DipInputError("params.input cannot change this task's image input")
+        out["input_kind"] = choice(params, "input", ("noise", "meshgrid"))
     kind = out.get("input_kind", preset.input_kind)
     if "input_depth" in params:
         if kind != "noise":
             raise DipInputError(f"params.input_depth applies to noise input, not {kind!r}")
-        out["input_depth"] = _integer(params["input_depth"], "input_depth", 1, 1024)
+        out["input_depth"] = integer(params["input_depth"], "input_depth", 1, 1024)
     elif kind == "meshgrid":
         out["input_depth"] = 2
     elif preset.input_kind == "meshgrid":
@@ -129,47 +119,33 @@ def _input_overrides(preset: Preset, params: dict) -> dict:
     return out
 
 
-def apply_params(preset: Preset, task: str, params: dict | None) -> Preset:
-    """The preset with ``params`` applied; raises DipInputError on any bad key or value."""
-    params = params or {}
+def apply_params(preset: Preset, params: dict, task_keys: tuple[str, ...], task: str) -> Preset:
+    """The preset with the common ``params`` applied; raises DipInputError on an unknown key
+    (``task_keys``: the task's own keys, applied by the task) or a bad value."""
     if not isinstance(params, dict):
         raise DipInputError(f"params must be a JSON object, got {type(params).__name__}")
-    unknown = sorted(set(params) - set(allowed_keys(task)))
+    allowed = COMMON_KEYS + task_keys
+    unknown = sorted(set(params) - set(allowed))
     if unknown:
         raise DipInputError(
-            f"unknown params for task {task!r}: {unknown}; allowed: {sorted(allowed_keys(task))}"
+            f"unknown params for task {task!r}: {unknown}; allowed: {sorted(allowed)}"
         )
     changes: dict[str, Any] = {**_network_overrides(preset, params)}
     changes.update(_input_overrides(preset, params))
     if "lr" in params:
-        changes["lr"] = _number(params, "lr", 0.0, 10.0, low_open=True)
+        changes["lr"] = number(params, "lr", 0.0, 10.0, low_open=True)
     if "reg_noise_std" in params:
-        changes["reg_noise_std"] = _number(params, "reg_noise_std", 0.0, 10.0)
+        changes["reg_noise_std"] = number(params, "reg_noise_std", 0.0, 10.0)
     if "exp_weight" in params:
-        changes["exp_weight"] = _number(params, "exp_weight", 0.0, 0.9999)
+        changes["exp_weight"] = number(params, "exp_weight", 0.0, 0.9999)
     if "noise_scale" in params:
-        changes["noise_scale"] = _number(params, "noise_scale", 0.0, 100.0, low_open=True)
-    for key, choices in (
-        ("downsample", DOWNSAMPLE_MODES),
-        ("padding", PADDING_MODES),
-        ("downsampler", DOWNSAMPLERS),
-    ):
+        changes["noise_scale"] = number(params, "noise_scale", 0.0, 100.0, low_open=True)
+    for key, choices in (("downsample", DOWNSAMPLE_MODES), ("padding", PADDING_MODES)):
         if key in params:
-            changes[key] = _choice(params, key, choices)
+            changes[key] = choice(params, key, choices)
     if "stop" in params:
-        changes["stop"] = _choice(params, "stop", STOP_MODES)
+        changes["stop"] = choice(params, "stop", STOP_MODES)
     for key, high in (("stop_window", 100_000), ("stop_patience", 1_000_000), ("ensemble", 64)):
         if key in params:
-            changes[key] = _integer(params[key], key, 1, high)
-    if "feature_weights" in params and not isinstance(params["feature_weights"], str):
-        raise DipInputError("params.feature_weights must be a path or URI string")
-    if "feature_layer" in params:
-        changes["feature_layer"] = _integer(params["feature_layer"], "feature_layer", 1, 19)
+            changes[key] = integer(params[key], key, 1, high)
     return replace(preset, **changes)
-
-
-def requested_variant(params: dict | None) -> str | None:
-    """The inpainting variant the user forced, if any (validated)."""
-    if not params or "variant" not in params:
-        return None
-    return _choice(params, "variant", INPAINT_VARIANTS)

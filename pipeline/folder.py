@@ -1,7 +1,8 @@
 """`dippipe manifest`: a manifest from a folder of images, so nobody writes Parquet by hand.
 
-Naming convention, next to each image ``NAME.EXT``: ``NAME_mask.*`` (inpainting mask),
-``NAME_flash.*`` (flash guide), ``NAME_ref.*`` (clean reference, for metrics). The job id is
+Naming convention, next to each image ``NAME.EXT``: ``NAME<suffix>.*`` for each companion
+input role (dip_core/roles.py): ``NAME_mask.*`` (inpainting mask), ``NAME_flash.*`` (flash
+guide), ``NAME_ref.*`` (clean reference, for metrics). The job id is
 NAME with any character outside ``[A-Za-z0-9._-]`` replaced by ``_``.
 """
 
@@ -14,11 +15,12 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from dip_core import COMPANION_ROLES
 from pipeline.manifest import MANIFEST_SCHEMA
 from pipeline.storage import Storage
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
-ROLE_SUFFIXES = {"mask": "_mask", "guide": "_flash", "reference": "_ref"}
+ROLE_SUFFIXES = {role.name: role.folder_suffix for role in COMPANION_ROLES}
 
 
 @dataclass(frozen=True)

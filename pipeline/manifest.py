@@ -13,6 +13,7 @@ million-row manifest costs megabytes.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -22,7 +23,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from dip_core import TASKS, DipInputError, check_params
+from dip_core import INPUT_ROLES, TASKS, DipInputError, check_params, get_task
 from pipeline.ids import IdChecker
 from pipeline.retry import StorageUnavailableError, describe
 from pipeline.safetext import printable
@@ -32,10 +33,8 @@ MANIFEST_SCHEMA = pa.schema(
     [
         pa.field("id", pa.string(), nullable=False),
         pa.field("task", pa.string(), nullable=False),
-        pa.field("image", pa.string(), nullable=False),
-        pa.field("mask", pa.string()),
-        pa.field("guide", pa.string()),
-        pa.field("reference", pa.string()),
+        # One string column per input role (dip_core/roles.py); only the image is required.
+        *(pa.field(role.name, pa.string(), nullable=role.name != "image") for role in INPUT_ROLES),
         pa.field("scale", pa.int32()),
         pa.field("iterations", pa.int32()),
         pa.field("seed", pa.int64()),
@@ -45,7 +44,6 @@ MANIFEST_SCHEMA = pa.schema(
 # Rows as read: task or image may still be null there (a per-job problem, not a crash).
 _READ_SCHEMA = pa.schema([field.with_nullable(True) for field in MANIFEST_SCHEMA])
 REQUIRED_COLUMNS = ("id", "task", "image")
-TASK_REQUIRED_COLUMNS = {"inpaint": "mask", "flash_no_flash": "guide", "super_resolution": "scale"}
 BATCH_ROWS = 1024
 ID_BATCH_ROWS = 65536  # ids are small: bigger batches for the id checks
 MAX_ITERATIONS = 1_000_000  # a sanity bound: the paper's longest runs are a few 10,000 steps
@@ -66,15 +64,16 @@ class Job:
 
     id: str
     task: str
-    image: str
     row: int
     seed: int
-    mask: str | None = None
-    guide: str | None = None
-    reference: str | None = None
+    inputs: dict[str, str] = dataclasses.field(default_factory=dict)  # URI by role, given ones
     scale: int | None = None
     iterations: int | None = None
     params: str | None = None
+
+    @property
+    def image(self) -> str:
+        return self.inputs.get("image", "")
 
     def parsed_params(self) -> dict[str, Any] | None:
         if self.params is None or not self.params.strip():
@@ -205,12 +204,9 @@ def job_from_row(values: dict[str, Any], row: int) -> Job:
     return Job(
         id=values["id"],
         task=values.get("task") or "",
-        image=values.get("image") or "",
         row=row,
         seed=derive_seed(values["id"]) if seed is None else int(seed),
-        mask=values.get("mask"),
-        guide=values.get("guide"),
-        reference=values.get("reference"),
+        inputs={role.name: values[role.name] for role in INPUT_ROLES if values.get(role.name)},
         scale=values.get("scale"),
         iterations=values.get("iterations"),
         params=values.get("params"),
@@ -224,9 +220,12 @@ def job_problems(job: Job) -> list[str]:
     problems = []
     if not job.image:
         problems.append("column 'image' is empty")
-    column = TASK_REQUIRED_COLUMNS.get(job.task)
-    if column and getattr(job, column) in (None, ""):
-        problems.append(f"task {job.task!r} needs column '{column}'")
+    task = get_task(job.task)
+    for column in task.required_roles:
+        if not job.inputs.get(column):
+            problems.append(f"task {job.task!r} needs column '{column}'")
+    if task.scales and job.scale is None:
+        problems.append(f"task {job.task!r} needs column 'scale'")
     if job.iterations is not None and job.iterations < 1:
         problems.append(f"iterations must be at least 1, got {job.iterations}")
     if job.iterations is not None and job.iterations > MAX_ITERATIONS:
@@ -244,11 +243,17 @@ def job_problems(job: Job) -> list[str]:
     return problems
 
 
+def output_size(job: Job, size: tuple[int, int]) -> tuple[int, int]:
+    """The (width, height) of the job's result for an image of ``size`` (a known task)."""
+    factor = get_task(job.task).output_scale(job.scale)
+    return size[0] * factor, size[1] * factor
+
+
 @functools.lru_cache(maxsize=4096)
 def _params_problem(task: str, params: str | None, scale: int | None) -> str | None:
     """Cached: most manifests repeat a few (task, params, scale) over many rows."""
     try:
-        check_params(task, Job("", task, "", 0, 0, params=params).parsed_params(), scale)
+        check_params(task, Job("", task, 0, 0, params=params).parsed_params(), scale)
     except DipInputError as error:
         return printable(str(error), 1000)
     return None

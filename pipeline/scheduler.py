@@ -219,9 +219,8 @@ class Scheduler:
 
     def _payload(self, job: Job) -> dict[str, bytes]:
         """Bytes of the job's memory:// inputs, which only the driver's process can read."""
-        uris = (job.image, job.mask, job.guide, job.reference)
         payload = {}
-        for uri in uris:
+        for uri in job.inputs.values():
             if is_process_local(uri):
                 # A missing file is left for the worker to report as the job's error.
                 with contextlib.suppress(FileNotFoundError):

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from dip_core import COMPANION_ROLES, TASKS
 from pipeline.images import DEFAULT_MAX_PIXELS, ImageDecodeError, check_pixels, image_size
 from pipeline.manifest import (
     BATCH_ROWS,
@@ -20,6 +21,7 @@ from pipeline.manifest import (
     inspect_manifest,
     iter_jobs,
     job_problems,
+    output_size,
 )
 from pipeline.retry import describe
 from pipeline.storage import Storage
@@ -89,21 +91,18 @@ def check_job(storage: Storage, job: Job, max_pixels: int | None = DEFAULT_MAX_P
     size, problem = _size_of(storage, job.image, "image", max_pixels)
     if problem:
         return [*problems, problem]
-    factor = job.scale if job.task == "super_resolution" and job.scale else 1
-    expected = {
-        "mask": size,
-        "guide": size,
-        "reference": (size[0] * factor, size[1] * factor),
-    }
-    for role, wanted in expected.items():
-        uri = getattr(job, role)
+    if job.task not in TASKS:  # the sizes its inputs should have are unknown
+        return problems
+    sizes = {"image": size, "output": output_size(job, size)}
+    for role in COMPANION_ROLES:
+        uri = job.inputs.get(role.name)
         if not uri:
             continue
-        found, problem = _size_of(storage, uri, role, max_pixels)
+        wanted = sizes[role.size_of]
+        found, problem = _size_of(storage, uri, role.name, max_pixels)
         if problem is None and found != wanted:
-            problem = (
-                f"{role} {uri} is {found[0]}x{found[1]} pixels, expected {wanted[0]}x{wanted[1]}"
-            )
+            expected = f"expected {wanted[0]}x{wanted[1]}"
+            problem = f"{role.name} {uri} is {found[0]}x{found[1]} pixels, {expected}"
         if problem:
             problems.append(problem)
     return problems

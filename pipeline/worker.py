@@ -17,11 +17,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from dip_core import DipInputError, FitProgress, fit
-from dip_core.api import RestorePlan, plan_restore
-from dip_core.engine import EngineOptions
-from dip_core.ensemble import combine
-from dip_core.fit import FitItem, FitResult, resolve_device
+from dip_core import (
+    COMPANION_ROLES,
+    DipInputError,
+    EngineOptions,
+    FitItem,
+    FitProgress,
+    FitResult,
+    RestorePlan,
+    fit,
+    get_task,
+    plan_restore,
+    resolve_device,
+    run_plan,
+)
 from pipeline.feature_weights import FeatureNets
 from pipeline.images import (
     DEFAULT_MAX_PIXELS,
@@ -31,7 +40,7 @@ from pipeline.images import (
     encode_png,
     resize_plane,
 )
-from pipeline.manifest import Job, job_problems
+from pipeline.manifest import Job, job_problems, output_size
 from pipeline.outputs import STATUS_FAILED, STATUS_OK, JobOutcome, image_uri
 from pipeline.packing import PackedFitService
 from pipeline.storage import Storage, StorageOptions, is_process_local
@@ -67,9 +76,7 @@ class WorkerConfig:
 @dataclass(frozen=True)
 class JobInputs:
     observation: DecodedImage
-    mask: np.ndarray | None = None
-    guide: np.ndarray | None = None
-    reference: np.ndarray | None = None
+    companions: dict[str, np.ndarray] = field(default_factory=dict)  # by input role
 
 
 class Fitter:
@@ -119,20 +126,19 @@ class Fitter:
         if self.config.fake_fit_seconds is not None:
             return self._fake(job, inputs)
         params = {**self.config.param_defaults, **(job.parsed_params() or {})} or None
+        needs_feature_net = get_task(job.task).needs_feature_net
         plan = plan_restore(
             job.task,
             torch.from_numpy(inputs.observation.pixels),
-            mask=_tensor(inputs.mask),
-            guide=_tensor(inputs.guide),
             scale=job.scale,
-            reference=_tensor(inputs.reference),
             iterations=job.iterations,
             seed=job.seed,
             params=params,
-            feature_net=self.feature_nets.get(params) if job.task == "preimage" else None,
+            feature_net=self.feature_nets.get(params) if needs_feature_net else None,
             sync_every=self.config.sync_every,
+            **{role: torch.from_numpy(pixels) for role, pixels in inputs.companions.items()},
         )
-        result = combine(plan.problem, self._fit_members(job, plan))
+        result = run_plan(plan, lambda plan: self._fit_members(job, plan))
         output = self.write_output(job, result.image.numpy(), inputs.observation)
         row = _ok_row(job, output, result.iterations, result.energy, result.psnr, result.device)
         row.update(stopped_at=result.stopped_at, stop_reason=result.stop_reason)
@@ -191,20 +197,21 @@ class Fitter:
         return JobOutcome(row, {"step": [0], "energy": [0.0], "psnr": [None], "stop_stat": [None]})
 
     def load_inputs(self, job: Job) -> JobInputs:
+        """The image and the companion images the job names, each checked against the size
+        its role says (roles.py); job_problems has checked the task."""
         observation = self._read(job.image, "image")
-        size = observation.size
-        factor = job.scale if job.task == "super_resolution" and job.scale else 1
-        target = (size[0] * factor, size[1] * factor)
-        mask = guide = reference = None
-        if job.mask:
-            mask = (self._read_sized(job.mask, "mask", size).pixels > 0).any(axis=0)
-            mask = mask.astype(np.float32)
-        if job.guide:
-            guide = _match_channels(self._read_sized(job.guide, "guide", size), observation)
-        if job.reference:
-            ref = self._read_sized(job.reference, "reference", target)
-            reference = _match_channels(ref, observation)
-        return JobInputs(observation, mask, guide, reference)
+        sizes = {"image": observation.size, "output": output_size(job, observation.size)}
+        companions = {}
+        for role in COMPANION_ROLES:
+            uri = job.inputs.get(role.name)
+            if not uri:
+                continue
+            image = self._read_sized(uri, role.name, sizes[role.size_of])
+            if role.kind == "mask":  # any non-zero channel marks a known pixel
+                companions[role.name] = (image.pixels > 0).any(axis=0).astype(np.float32)
+            else:
+                companions[role.name] = _match_channels(image, observation)
+        return JobInputs(observation, companions)
 
     def _read(self, uri: str, role: str) -> DecodedImage:
         try:
@@ -236,10 +243,6 @@ class Fitter:
         else:
             self.storage.write_bytes(uri, data)
         return uri
-
-
-def _tensor(array: np.ndarray | None) -> torch.Tensor | None:
-    return None if array is None else torch.from_numpy(array)
 
 
 def _match_channels(image: DecodedImage, like: DecodedImage) -> np.ndarray:

@@ -1,8 +1,10 @@
 """Every task: shapes, zero energy at the truth, presets, params and input checks."""
 
+import numpy as np
 import pytest
 import torch
 
+from dip_core import TASKS as REGISTERED
 from dip_core import PRESETS, DipInputError, build_problem, check_params, resolve_preset
 from dip_core.feature_nets import mobilenet_v2_features
 from dip_core.tasks import classify_mask
@@ -27,16 +29,29 @@ def job(task):
         return dict(observation=CLEAN, guide=CLEAN.flip(-1)), CLEAN
     if task == "preimage":
         return dict(observation=CLEAN, feature_net=mobilenet_v2_features(None, 3)), CLEAN
+    if task == "deblur":
+        from scipy.ndimage import convolve
+
+        from dip_core.tasks.deblur import gaussian_kernel
+
+        kernel = gaussian_kernel(1.5).numpy()
+        blurred = [convolve(plane, kernel, mode="nearest") for plane in CLEAN.double().numpy()]
+        observation = torch.tensor(np.stack(blurred)).float()
+        return dict(observation=observation, params={**SMALL, "blur_sigma": 1.5}), CLEAN
     return dict(observation=CLEAN), CLEAN
 
 
-TASKS = ["denoise", "jpeg", "inpaint", "super_resolution", "flash_no_flash", "preimage"]
+TASKS = ["denoise", "jpeg", "inpaint", "super_resolution", "flash_no_flash", "preimage", "deblur"]
+
+
+def test_every_registered_task_is_covered_here():
+    assert sorted(TASKS) == sorted(REGISTERED)
 
 
 @pytest.mark.parametrize("task", TASKS)
 def test_energy_is_zero_at_the_true_image_and_shapes_fit(task):
     kwargs, target = job(task)
-    problem = build_problem(task, params=SMALL, **kwargs)
+    problem = build_problem(task, **{"params": SMALL, **kwargs})
     p = problem.placement
     assert (p.height, p.width) == target.shape[1:]
     assert p.padded_height % 8 == 0 and p.padded_width % 8 == 0
@@ -81,10 +96,10 @@ def test_params_override_the_preset():
 
 def test_unknown_task_and_bad_scale():
     with pytest.raises(DipInputError, match="unknown task"):
-        check_params("deblur", None)
+        check_params("dehaze", None)
     with pytest.raises(DipInputError, match="scale"):
         check_params("super_resolution", None, scale=3)
-    with pytest.raises(DipInputError, match="scale applies only"):
+    with pytest.raises(DipInputError, match="takes no scale"):
         check_params("denoise", None, scale=2)
 
 

@@ -106,7 +106,7 @@ def test_int64_columns_all_null_columns_and_extra_columns_are_accepted(tmp_path)
     info = inspect_manifest(Storage(), str(tmp_path / "m.parquet"))
     assert info.ignored_columns == ("note",)
     jobs = list(iter_jobs(Storage(), info))
-    assert [(j.id, j.scale, j.mask, j.row) for j in jobs] == [
+    assert [(j.id, j.scale, j.inputs.get("mask"), j.row) for j in jobs] == [
         ("a", 2, None, 0),
         ("b", None, None, 1),
     ]
@@ -137,7 +137,7 @@ def test_streaming_a_large_manifest_holds_one_batch(tmp_path):
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"task": "deblur"}, "unknown task 'deblur'"),
+        ({"task": "dehaze"}, "unknown task 'dehaze'"),
         ({"task": "inpaint"}, "task 'inpaint' needs column 'mask'"),
         ({"task": "flash_no_flash"}, "needs column 'guide'"),
         ({"task": "super_resolution"}, "super_resolution needs scale"),

@@ -1,0 +1,109 @@
+"""Non-blind deblurring: the network's output, blurred by the known kernel, is compared with
+the blurred (and noisy) image.
+
+The kernel comes from ``params``: ``blur_sigma`` (a Gaussian, in pixels) or
+``motion_length`` (pixels) with ``motion_angle`` (degrees, counter-clockwise from the x axis,
+default 0). Blurring replicates the border pixels: scipy.ndimage's ``mode="nearest"``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..energies import MeanSquaredError
+from ..errors import DipInputError
+from ..params import number
+from ..presets import DENOISE_NET, Preset
+from .base import Task, noise_floor
+
+MAX_BLUR_PIXELS = 64.0  # a kernel wider than this is a different problem than deblurring
+
+
+class Deblur(Task):
+    name = "deblur"
+    param_keys = ("blur_sigma", "motion_length", "motion_angle")
+    baseline = "wiener_richardson_lucy"
+    presets = {
+        # Not in the paper: the denoising network and schedule, which the blur's own
+        # smoothing regularises further; stopped like denoising when the fit reaches the
+        # noise (the rule is armed by the energy floor below).
+        "deblur": Preset("noise", 32, **DENOISE_NET, iterations=3000, lr=0.01,
+                         reg_noise_std=1 / 30, exp_weight=0.99, stop="auto"),
+    }  # fmt: skip
+
+    def task_params(self, params: dict) -> dict[str, Any]:
+        blur_kernel(params)  # refuses a missing or bad kernel before any fit
+        return {}
+
+    def measurement(self, preset, params, observation, inputs, output_hw, feature_net):
+        return Blur(blur_kernel(params)), MeanSquaredError(), observation
+
+    def energy_floor(self, observation: torch.Tensor) -> float | None:
+        return noise_floor(observation)
+
+
+def blur_kernel(params: dict) -> torch.Tensor:
+    """The (k, k) kernel ``params`` describe, normalised to sum 1 (float64)."""
+    gaussian, motion = "blur_sigma" in params, "motion_length" in params
+    if gaussian == motion:
+        raise DipInputError("deblur needs params.blur_sigma (a Gaussian) or params."
+                            "motion_length (a straight motion), exactly one of them")  # fmt: skip
+    if gaussian:
+        if "motion_angle" in params:
+            raise DipInputError("params.motion_angle goes with motion_length, not blur_sigma")
+        return gaussian_kernel(
+            number(params, "blur_sigma", 0.0, MAX_BLUR_PIXELS / 3, low_open=True)
+        )
+    length = number(params, "motion_length", 1.0, MAX_BLUR_PIXELS)
+    angle = number(params, "motion_angle", -360.0, 360.0) if "motion_angle" in params else 0.0
+    return motion_kernel(length, angle)
+
+
+def gaussian_kernel(sigma: float) -> torch.Tensor:
+    """exp(-r^2 / 2 sigma^2) sampled at integer offsets up to 3 sigma (at least 1)."""
+    radius = max(1, math.ceil(3 * sigma))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    line = torch.exp(-(x**2) / (2 * sigma**2))
+    kernel = line[:, None] * line[None, :]
+    return kernel / kernel.sum()
+
+
+def motion_kernel(length: float, angle_degrees: float) -> torch.Tensor:
+    """A straight streak of ``length`` pixels through the centre: the line segment
+    rasterised by splatting closely spaced points bilinearly (no aliasing at any angle)."""
+    radius = math.ceil(length / 2) + 1
+    size = 2 * radius + 1
+    theta = math.radians(angle_degrees)
+    # Points every 1/16 pixel along the segment; each covers length / count of it.
+    count = max(2, math.ceil(length * 16))
+    t = (torch.arange(count, dtype=torch.float64) + 0.5) / count - 0.5
+    xs = radius + t * length * math.cos(theta)
+    ys = radius - t * length * math.sin(theta)  # rows grow downwards
+    kernel = torch.zeros(size, size, dtype=torch.float64)
+    x0, y0 = xs.floor(), ys.floor()
+    for dx in (0, 1):
+        for dy in (0, 1):
+            weight = (1 - (xs - x0 - dx).abs()) * (1 - (ys - y0 - dy).abs())
+            kernel.index_put_(((y0 + dy).long(), (x0 + dx).long()), weight, accumulate=True)
+    return kernel / kernel.sum()
+
+
+class Blur(nn.Module):
+    """A(x) = k * x, per channel, the same size as x, borders replicated (convolution, not
+    correlation: the kernel is flipped, as scipy.ndimage.convolve does)."""
+
+    def __init__(self, kernel: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("kernel", kernel.flip(0, 1).float()[None, None])
+        self.pad = (kernel.shape[1] // 2, kernel.shape[1] // 2,
+                    kernel.shape[0] // 2, kernel.shape[0] // 2)  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        padded = F.pad(x.reshape(n * c, 1, h, w), self.pad, mode="replicate")
+        return F.conv2d(padded, self.kernel).reshape(n, c, h, w)

@@ -1,0 +1,44 @@
+"""Super-resolution: the network's output, downsampled, is compared with the small image."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..energies import MeanSquaredError
+from ..operators import DOWNSAMPLERS, Downsampler
+from ..params import choice
+from ..presets import DENOISE_NET, Preset
+from .base import Task
+
+
+class SuperResolution(Task):
+    name = "super_resolution"
+    scales = (2, 4, 8)
+    param_keys = ("downsampler",)
+    baseline = "bicubic"
+    luma_metric = True
+    presets = {
+        # x2 is not in the paper; it takes x4's settings.
+        "super_resolution_x2": Preset("noise", 32, **DENOISE_NET, iterations=2000, lr=0.01,
+                                      reg_noise_std=0.03, exp_weight=0.0),
+        "super_resolution_x4": Preset("noise", 32, **DENOISE_NET, iterations=2000, lr=0.01,
+                                      reg_noise_std=0.03, exp_weight=0.0),
+        "super_resolution_x8": Preset("noise", 32, **DENOISE_NET, iterations=4000, lr=0.01,
+                                      reg_noise_std=0.05, exp_weight=0.0),
+    }  # fmt: skip
+
+    def output_scale(self, scale: int | None) -> int:
+        return scale or 1
+
+    def preset_name(self, params, scale, inputs) -> str:
+        return f"super_resolution_x{scale}"
+
+    def task_params(self, params: dict) -> dict[str, Any]:
+        if "downsampler" in params:
+            return {"downsampler": choice(params, "downsampler", DOWNSAMPLERS)}
+        return {}
+
+    def measurement(self, preset, params, observation, inputs, output_hw, feature_net):
+        factor = output_hw[0] // observation.shape[-2]
+        down = Downsampler(*output_hw, factor=factor, kind=preset.downsampler)
+        return down, MeanSquaredError(), observation
