@@ -74,22 +74,17 @@ def gaussian_kernel(sigma: float) -> torch.Tensor:
 
 
 def motion_kernel(length: float, angle_degrees: float) -> torch.Tensor:
-    """A straight streak of ``length`` pixels through the centre: the line segment
-    rasterised by splatting closely spaced points bilinearly (no aliasing at any angle)."""
+    """A straight streak of ``length`` pixels through the centre: each pixel weighs the
+    length of the segment inside its unit square (measured with points every 1/64 pixel),
+    so an odd length along an axis is the textbook box of that many pixels."""
     radius = math.ceil(length / 2) + 1
-    size = 2 * radius + 1
     theta = math.radians(angle_degrees)
-    # Points every 1/16 pixel along the segment; each covers length / count of it.
-    count = max(2, math.ceil(length * 16))
+    count = max(2, math.ceil(length * 64))
     t = (torch.arange(count, dtype=torch.float64) + 0.5) / count - 0.5
-    xs = radius + t * length * math.cos(theta)
-    ys = radius - t * length * math.sin(theta)  # rows grow downwards
-    kernel = torch.zeros(size, size, dtype=torch.float64)
-    x0, y0 = xs.floor(), ys.floor()
-    for dx in (0, 1):
-        for dy in (0, 1):
-            weight = (1 - (xs - x0 - dx).abs()) * (1 - (ys - y0 - dy).abs())
-            kernel.index_put_(((y0 + dy).long(), (x0 + dx).long()), weight, accumulate=True)
+    columns = torch.round(radius + t * length * math.cos(theta)).long()
+    rows = torch.round(radius - t * length * math.sin(theta)).long()  # rows grow downwards
+    kernel = torch.zeros(2 * radius + 1, 2 * radius + 1, dtype=torch.float64)
+    kernel.index_put_((rows, columns), torch.ones(count, dtype=torch.float64), accumulate=True)
     return kernel / kernel.sum()
 
 
