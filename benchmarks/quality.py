@@ -32,9 +32,9 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.baselines import BASELINES
 from benchmarks.quality_cases import CASES, GROUPS, SR_CASES, Case, expand, load_case
-from dip_core import fit, psnr, psnr_y, resolve_preset, ssim
-from dip_core.api import plan_restore
+from dip_core import fit, get_task, plan_restore, psnr, psnr_y, resolve_preset, ssim
 from dip_core.stopping import StopRule
 
 
@@ -71,8 +71,9 @@ def metric(case: Case, image: torch.Tensor) -> tuple[float | None, float | None]
 
 
 def psnr_y_of(case: Case, image: torch.Tensor | None) -> float | None:
-    """Y-channel PSNR with a border of ``scale`` pixels cropped: the SR tables' metric."""
-    if case.task != "super_resolution" or image is None:
+    """Y-channel PSNR with a border of ``scale`` pixels cropped, for tasks whose tables
+    report it (super-resolution)."""
+    if not get_task(case.task).luma_metric or image is None:
         return None
     return psnr_y(image, case.reference, border=case.scale).item()
 
@@ -99,7 +100,7 @@ def budget_steps(preset, budget: str, args) -> int:
 
 
 def evaluate(case: Case, args, budget: str) -> Row:
-    params = dict(args.params)
+    params = {**args.params, **(case.params or {})}
     preset = resolve_preset(case.task, params, case.scale, case.mask)
     iterations = budget_steps(preset, budget, args)
     results = [run_seed(case, params, iterations, s, args) for s in range(args.seeds)]
@@ -119,7 +120,11 @@ def evaluate(case: Case, args, budget: str) -> Row:
     ens2 = None
     if len(results) >= 2:
         ens2 = metric(case, (results[0].image + results[1].image) / 2)[0]
-    base_name, base_image = case.baseline() if case.baseline else ("-", None)
+    name = get_task(case.task).baseline
+    baseline = BASELINES[name] if name else None  # a task names one that exists
+    base_name, base_image = (
+        baseline(case) if baseline and case.reference is not None else ("-", None)
+    )
     base = metric(case, base_image) if base_image is not None else (None, None)
     fixed_y = mean([psnr_y_of(case, r.image) for r in results])
     steps = sum(r.iterations for r in results)
@@ -179,7 +184,7 @@ def print_summary(rows: list[Row]) -> None:
                   f" mean gap to the oracle {gap:.2f} dB over {len(scored)} cases")  # fmt: skip
         for task in dict.fromkeys(r.task for r in rows if r.budget == budget):
             mine = [r for r in rows if r.budget == budget and r.task == task]
-            pairs = [(r.fixed_psnr_y, r.baseline_psnr_y) if r.task == "super_resolution"
+            pairs = [(r.fixed_psnr_y, r.baseline_psnr_y) if get_task(r.task).luma_metric
                      else (r.default_psnr, r.baseline_psnr) for r in mine]  # fmt: skip
             pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
             if pairs:
@@ -245,7 +250,8 @@ def main() -> None:
         case = load_case(name, args.data, args.sr_size if name in SR_CASES else args.size)
         for budget in [str(args.iterations)] if args.iterations else args.budgets.split(","):
             rows.append(evaluate(case, args, budget))
-            print(f"[{name} {budget}] {time.perf_counter() - started:.0f} s: {rows[-1]}",
+            tried = f" (baseline tried: {case.notes})" if case.notes else ""
+            print(f"[{name} {budget}] {time.perf_counter() - started:.0f} s: {rows[-1]}{tried}",
                   flush=True)  # fmt: skip
             if args.json:  # after every row: a long run that dies keeps what it measured
                 args.json.write_text(json.dumps([r.__dict__ for r in rows], indent=1))

@@ -1,7 +1,7 @@
 """The quality benchmark's cases: the paper's sample images, degraded with fixed seeds.
 
 Images come from a dip-reference folder given by path (never copied into the repo).
-Each case carries its classical baseline, computed on the same input.
+The classical baseline of each case is its task's (baselines.py), on the same input.
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ class Case:
     guide: torch.Tensor | None = None
     scale: int | None = None
     feature_net: torch.nn.Module | None = None
-    baseline: Callable[[], tuple[str, torch.Tensor]] | None = None
+    params: dict | None = None  # the task's own params (deblur: its kernel)
+    kernel: torch.Tensor | None = None  # deblur: the blur, for the classical baselines
+    notes: str = ""  # what the baseline tried, printed with the row
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
@@ -64,27 +66,6 @@ def seeded_noise(shape, seed: int) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
-def _nlm_and_bm3d(noisy: torch.Tensor) -> tuple[str, torch.Tensor]:
-    try:
-        import bm3d  # optional: the GPU machine has no network to install it
-
-        return "BM3D", from_numpy(bm3d.bm3d_rgb(to_numpy(noisy), sigma_psd=SIGMA))
-    except ImportError:
-        from skimage.restoration import denoise_nl_means
-
-        out = denoise_nl_means(to_numpy(noisy), h=0.8 * SIGMA, sigma=SIGMA, fast_mode=True,
-                               patch_size=5, patch_distance=6, channel_axis=-1)  # fmt: skip
-        return "NL-means", from_numpy(out)
-
-
-def _biharmonic(observation: torch.Tensor, mask: torch.Tensor) -> tuple[str, torch.Tensor]:
-    from skimage.restoration import inpaint_biharmonic
-
-    missing = (mask[0] < 0.5).numpy()
-    return "biharmonic", from_numpy(inpaint_biharmonic(to_numpy(observation), missing,
-                                                       channel_axis=-1))  # fmt: skip
-
-
 # Every colour image of the sample set, as a denoising case (paper: 9 colour images).
 COLOUR_IMAGES = {
     "F16": "denoising/F16_GT.png",
@@ -105,8 +86,7 @@ COLOUR_IMAGES = {
 def denoise(data: Path, size: int, name: str = "F16") -> Case:
     clean = to_tensor(load(data / COLOUR_IMAGES[name], size))
     noisy = (clean + SIGMA * seeded_noise(clean.shape, 0)).clamp(0, 1)
-    return Case(f"{name} sigma25", "denoise", noisy, clean,
-                baseline=lambda: _nlm_and_bm3d(noisy))  # fmt: skip
+    return Case(f"{name} sigma25", "denoise", noisy, clean)
 
 
 def jpeg(data: Path, size: int) -> Case:
@@ -114,16 +94,14 @@ def jpeg(data: Path, size: int) -> Case:
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=JPEG_QUALITY)
     compressed = to_tensor(Image.open(buffer).convert("RGB"))
-    return Case(f"F16 jpeg q{JPEG_QUALITY}", "jpeg", compressed, to_tensor(image),
-                baseline=lambda: ("JPEG input", compressed))  # fmt: skip
+    return Case(f"F16 jpeg q{JPEG_QUALITY}", "jpeg", compressed, to_tensor(image))
 
 
 def inpaint(data: Path, size: int, name: str, mode: str = "RGB") -> Case:
     clean = to_tensor(load(data / f"inpainting/{name}.png", size, mode))
     mask = (to_tensor(load(data / f"inpainting/{name}_mask.png", size, "L")) > 0.5).float()
     holed = clean * mask
-    return Case(f"{name} inpaint", "inpaint", holed, clean, mask=mask,
-                baseline=lambda: _biharmonic(holed, mask))  # fmt: skip
+    return Case(f"{name} inpaint", "inpaint", holed, clean, mask=mask)
 
 
 def random_pixels(data: Path, size: int) -> Case:
@@ -131,8 +109,7 @@ def random_pixels(data: Path, size: int) -> Case:
     g = torch.Generator().manual_seed(0)
     mask = (torch.rand(clean.shape, generator=g) < 0.5).float()
     holed = clean * mask
-    return Case("barbara 50%", "inpaint", holed, clean, mask=mask,
-                baseline=lambda: _biharmonic(holed, mask))  # fmt: skip
+    return Case("barbara 50%", "inpaint", holed, clean, mask=mask)
 
 
 def super_resolution(data: Path, hr_size: int, factor: int, path: str) -> Case:
@@ -141,14 +118,9 @@ def super_resolution(data: Path, hr_size: int, factor: int, path: str) -> Case:
     hr_image = load(data / path, hr_size, multiple=factor)
     lr_image = hr_image.resize((hr_image.width // factor, hr_image.height // factor),
                                Image.LANCZOS)  # fmt: skip
-    hr, lr = to_tensor(hr_image), to_tensor(lr_image)
-
-    def bicubic():
-        return "bicubic", to_tensor(lr_image.resize(hr_image.size, Image.BICUBIC))
-
     name = Path(path).stem.replace("_GT", "")
-    return Case(f"{name} x{factor}", "super_resolution", lr, hr, scale=factor,
-                baseline=bicubic)  # fmt: skip
+    return Case(f"{name} x{factor}", "super_resolution", to_tensor(lr_image), to_tensor(hr_image),
+                scale=factor)  # fmt: skip
 
 
 def flash(data: Path, size: int) -> Case:
@@ -165,6 +137,28 @@ def preimage(data: Path, size: int) -> Case:
                 feature_net=load_feature_net())  # fmt: skip
 
 
+def deblur(data: Path, size: int, name: str, blur: dict) -> Case:
+    """The image blurred by the kernel ``blur`` describes (scipy's convolution, borders
+    replicated: an independent implementation of the task's operator), plus sigma-5 noise."""
+    from scipy.ndimage import convolve
+
+    from dip_core.tasks.deblur import blur_kernel
+
+    clean = to_tensor(load(data / COLOUR_IMAGES[name], size))
+    kernel = blur_kernel(blur)
+    blurred = np.stack([convolve(p, kernel.numpy(), mode="nearest") for p in clean.double()])
+    noisy = torch.from_numpy(blurred).float() + DEBLUR_SIGMA * seeded_noise(clean.shape, 0)
+    label = ", ".join(f"{k} {v}" for k, v in blur.items())
+    return Case(f"{name} deblur ({label})", "deblur", noisy.clamp(0, 1), clean, params=blur,
+                kernel=kernel)  # fmt: skip
+
+
+DEBLUR_SIGMA = 5 / 255
+GAUSSIAN_BLUR = {"blur_sigma": 1.6}
+MOTION_BLUR = {"motion_length": 7, "motion_angle": 30}
+DEBLUR_IMAGES = ("F16", "snail", "kate", "vase", "zebra", "building")
+
+
 # Each case takes (data folder, size); SR cases take the HR size (--sr-size) instead.
 CASES: dict[str, Callable[[Path, int], Case]] = {
     **{f"denoise-{name}": (lambda d, s, n=name: denoise(d, s, n)) for name in COLOUR_IMAGES},
@@ -178,12 +172,17 @@ CASES: dict[str, Callable[[Path, int], Case]] = {
     "sr8-zebra": lambda d, s: super_resolution(d, s, 8, "sr/zebra_GT.png"),
     "flash": flash,
     "preimage": preimage,
-}
+    **{f"deblur-{name}": (lambda d, s, n=name: deblur(d, s, n, GAUSSIAN_BLUR))
+       for name in DEBLUR_IMAGES},
+    **{f"deblur-motion-{name}": (lambda d, s, n=name: deblur(d, s, n, MOTION_BLUR))
+       for name in ("library", "monkey", "kate2")},
+}  # fmt: skip
 SR_CASES = ("sr4-zebra", "sr4-zebracrop", "sr8-zebra")
 GROUPS = {
     "denoise": [c for c in CASES if c.startswith("denoise-")],
     "inpaint": ["text", "region", "hole", "pixels"],
     "sr": list(SR_CASES),
+    "deblur": [c for c in CASES if c.startswith("deblur-")],
 }
 
 

@@ -83,6 +83,21 @@ def restore(
     (preset overrides), ``feature_net`` (pre-image), ``sync_every`` as in ``plan_restore``.
     An ensemble (params ``ensemble``) fits seeds seed, seed + 1, ... and averages them.
     Raises DipInputError on bad input.
+
+    A grey-to-white ramp with noise of sigma 0.1, restored by a small network in 200 steps
+    (a second on a CPU): the result is closer to the clean ramp than the noisy input.
+
+    >>> import torch
+    >>> from dip_core import psnr, restore
+    >>> clean = torch.linspace(0, 1, 24).repeat(3, 24, 1)
+    >>> noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))
+    >>> noisy = (clean + 0.1 * noise).clamp(0, 1)
+    >>> small = {"channels": 8, "depth": 2, "input_depth": 4}
+    >>> result = restore("denoise", noisy, iterations=200, seed=0, params=small)
+    >>> result.image.shape, result.iterations
+    (torch.Size([3, 24, 24]), 200)
+    >>> round(psnr(noisy, clean).item(), 1), psnr(result.image, clean).item() > 22.5
+    (20.4, True)
     """
     plan = plan_restore(task, observation, **job)
 

@@ -8,6 +8,8 @@ Writes under OUT: ``inputs/`` (clean references, degraded observations, the mask
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -27,11 +29,6 @@ from pipeline.storage import Storage, join
 SIZE = 64
 NOISE_SIGMA = 25 / 255
 SMALL_NET = {"channels": 32, "depth": 4, "skip_channels": 4, "input_depth": 16}
-DEMO_JOBS = {  # id: (task, source, iterations, params)
-    "astronaut-denoise": ("denoise", "astronaut", 900, SMALL_NET),
-    "coffee-inpaint": ("inpaint", "coffee", 1200, {**SMALL_NET, "lr": 0.01}),
-    "chelsea-sr-x2": ("super_resolution", "chelsea", 800, SMALL_NET),
-}
 
 
 def _clean(name: str) -> np.ndarray:
@@ -44,32 +41,58 @@ def _clean(name: str) -> np.ndarray:
     return np.asarray(small, dtype=np.float32).transpose(2, 0, 1) / 255.0
 
 
-def _degrade(task: str, clean: np.ndarray, seed: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    if task == "denoise":
-        noisy = clean + rng.normal(0.0, NOISE_SIGMA, clean.shape).astype(np.float32)
-        return {"image": noisy.clip(0, 1)}
-    if task == "inpaint":
-        known = (rng.random(clean.shape[1:]) >= 0.5).astype(np.float32)  # 50% of pixels lost
-        return {"image": clean * known, "mask": known[None]}
+def _add_noise(clean: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    noisy = clean + rng.normal(0.0, NOISE_SIGMA, clean.shape).astype(np.float32)
+    return {"image": noisy.clip(0, 1)}
+
+
+def _lose_half_the_pixels(clean: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    known = (rng.random(clean.shape[1:]) >= 0.5).astype(np.float32)
+    return {"image": clean * known, "mask": known[None]}
+
+
+def _halve(clean: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
     hr = Image.fromarray(np.rint(clean.transpose(1, 2, 0) * 255).astype(np.uint8))
     low = hr.resize((SIZE // 2, SIZE // 2), Image.Resampling.LANCZOS)
     return {"image": np.asarray(low, dtype=np.float32).transpose(2, 0, 1) / 255.0}
 
 
+@dataclass(frozen=True)
+class DemoJob:
+    task: str
+    source: str  # a scikit-image sample photo
+    iterations: int
+    params: dict
+    degrade: Callable[[np.ndarray, np.random.Generator], dict[str, np.ndarray]]  # by role
+    scale: int | None = None
+
+
+DEMO_JOBS = {
+    "astronaut-denoise": DemoJob("denoise", "astronaut", 900, SMALL_NET, _add_noise),
+    "coffee-inpaint": DemoJob("inpaint", "coffee", 1200, {**SMALL_NET, "lr": 0.01},
+                              _lose_half_the_pixels),
+    "chelsea-sr-x2": DemoJob("super_resolution", "chelsea", 800, SMALL_NET, _halve, scale=2),
+}  # fmt: skip
+
+
 def build_demo(storage: Storage, out: str, iterations: int | None = None) -> str:
     """Write the inputs and the manifest; returns the manifest's URI."""
     rows = []
-    for seed, (job_id, (task, source, steps, params)) in enumerate(DEMO_JOBS.items(), start=1):
-        clean = _clean(source)
-        row = {"id": job_id, "task": task, "seed": seed, "iterations": iterations or steps}
+    for seed, (job_id, job) in enumerate(DEMO_JOBS.items(), start=1):
+        clean = _clean(job.source)
+        row = {
+            "id": job_id,
+            "task": job.task,
+            "seed": seed,
+            "iterations": iterations or job.iterations,
+        }
         row["reference"] = join(out, "inputs", f"{job_id}_ref.png")
         storage.write_bytes(row["reference"], encode_png(clean))
-        for role, pixels in _degrade(task, clean, seed).items():
+        for role, pixels in job.degrade(clean, np.random.default_rng(seed)).items():
             row[role] = join(out, "inputs", f"{job_id}_{role}.png")
             storage.write_bytes(row[role], encode_png(pixels))
-        row["scale"] = 2 if task == "super_resolution" else None
-        row["params"] = json.dumps(params)
+        row["scale"] = job.scale
+        row["params"] = json.dumps(job.params)
         rows.append(row)
     manifest = join(out, "manifest.parquet")
     storage.write_parquet(manifest, pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA))

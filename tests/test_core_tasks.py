@@ -136,3 +136,10 @@ def test_the_mask_picks_the_inpainting_preset():
     assert classify_mask(text) == "text"
     assert resolve_preset("inpaint", None, mask=scattered).lr == 0.001
     assert resolve_preset("inpaint", {"variant": "region"}, mask=scattered).input_kind == "meshgrid"
+
+
+def test_every_task_declares_a_baseline_the_quality_benchmark_has():
+    from benchmarks.baselines import BASELINES
+
+    for task in REGISTERED.values():
+        assert task.baseline in BASELINES or task.baseline == "", task.name

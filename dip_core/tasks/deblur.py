@@ -27,7 +27,7 @@ MAX_BLUR_PIXELS = 64.0  # a kernel wider than this is a different problem than d
 class Deblur(Task):
     name = "deblur"
     param_keys = ("blur_sigma", "motion_length", "motion_angle")
-    baseline = "wiener_richardson_lucy"
+    baseline = "richardson_lucy_or_wiener"
     presets = {
         # Not in the paper: the denoising network and schedule, which the blur's own
         # smoothing regularises further; stopped like denoising when the fit reaches the
