@@ -40,13 +40,12 @@ def plan_restore(
     sync_every: int = 50,
 ) -> RestorePlan:
     """Validate one job and plan its fits (see ``restore``); raises DipInputError."""
+    # type(...) is int: a bool is an int to isinstance, and True steps is a caller's bug.
     if iterations is not None and (
-        isinstance(iterations, bool)
-        or not isinstance(iterations, int)
-        or not 0 <= iterations <= MAX_ITERATIONS
+        type(iterations) is not int or not 0 <= iterations <= MAX_ITERATIONS
     ):
         raise DipInputError(f"iterations must be an integer in [0, {MAX_ITERATIONS}]")
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if type(seed) is not int:
         raise DipInputError(f"seed must be an integer, got {seed!r}")
     problem = build_problem(
         task, observation, mask=mask, guide=guide, scale=scale, reference=reference,

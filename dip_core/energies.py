@@ -15,6 +15,9 @@ class MaskedMeanSquaredError(nn.Module):
     """sum(m * (x - y)^2) / (sum(m) * C): the mean over known pixels, not over all of them
     (the reference code divides by every pixel, which weakens sparse masks)."""
 
+    mask: torch.Tensor  # buffers, registered in __init__
+    known: torch.Tensor
+
     def __init__(self, mask: torch.Tensor) -> None:
         super().__init__()
         mask = mask.reshape(1, 1, *mask.shape[-2:]).float()

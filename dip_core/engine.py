@@ -81,7 +81,8 @@ class PackedNetwork:
             offset += slots * size
         self.module = copy.deepcopy(template).to(device, self.dtype)
         if options.channels_last:
-            self.module = self.module.to(memory_format=torch.channels_last)
+            # Module.to takes memory_format at run time; torch's overloads omit it.
+            self.module = self.module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.module.requires_grad_(False)
         # Static shapes: a pack holds one padded size, so each size compiles once (dynamic
         # shapes failed to compile after a size change, and CUDA graphs need static ones).

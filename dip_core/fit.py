@@ -105,16 +105,19 @@ class PackedRunner:
 
     def offer(self, item: FitItem) -> tuple[bool, list[tuple[Any, FitResult]]]:
         """(taken, results of fits that ended at once, e.g. zero iterations)."""
-        if self.busy and (item.bucket != self.bucket or not self.pack.has_room()):
-            return False, []
-        if not self.busy and item.bucket != self.bucket:
+        pack = self.pack
+        if pack is not None and pack.active:
+            if item.bucket != self.bucket or not pack.has_room():
+                return False, []
+        elif pack is None or item.bucket != self.bucket:  # no pack has no bucket either
             slots = self.slots_for(item, self.max_slots) if self.slots_for else self.max_slots
-            self.pack = _Pack(item.problem.spec, max(1, slots), self.device, self.options)
+            pack = self.pack = _Pack(item.problem.spec, max(1, slots), self.device, self.options)
             self.bucket = item.bucket
-        return True, list(self.pack.add(item))
+        return True, list(pack.add(item))
 
     def step(self) -> list[tuple[Any, FitResult]]:
-        return list(self.pack.step()) if self.busy else []
+        pack = self.pack
+        return list(pack.step()) if pack is not None and pack.active else []
 
     def abandon(self) -> list[Any]:
         """Drop every running fit (after an error in a step); returns their tags."""
@@ -151,7 +154,8 @@ class _Pack:
         self.slots[index] = slot
 
     def step(self) -> Iterator[tuple[Any, FitResult]]:
-        inputs = [s.network_input(self.net) if s else self.idle_input for s in self.slots]
+        idle = self._idle()
+        inputs = [s.network_input(self.net) if s else idle for s in self.slots]
         out = self.net(torch.stack(inputs))
         energies = [s.energy(out[s.index]) for s in self.active]
         self.net.zero_grad()
@@ -172,5 +176,11 @@ class _Pack:
         """The network's output for the slot's un-jittered input (only when needed)."""
         if slot.average is not None:
             return None
-        inputs = [slot.z if i == slot.index else self.idle_input for i in range(len(self.slots))]
+        idle = self._idle()
+        inputs = [slot.z if i == slot.index else idle for i in range(len(self.slots))]
         return self.net(torch.stack(inputs))[slot.index]
+
+    def _idle(self) -> torch.Tensor:
+        """The input of a free slot (zeros of the bucket's input shape)."""
+        assert self.idle_input is not None, "add() sets it before any step"
+        return self.idle_input

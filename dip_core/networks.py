@@ -155,6 +155,7 @@ class SkipNetwork(nn.Module):
         for level in reversed(range(spec.depth)):
             cin = spec.in_channels if level == 0 else spec.channels_down[level - 1]
             inner = SkipLevel(spec, level, cin, inner)
+        assert inner is not None  # SkipSpec guarantees depth >= 1
         self.body = inner
         head: list[nn.Module] = [_conv(spec, spec.channels_up[0], spec.out_channels, 1)]
         if spec.need_sigmoid:

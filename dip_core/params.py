@@ -87,7 +87,7 @@ def _upsample(params: dict, preset: Preset, depth: int) -> tuple[str, ...]:
     """One upsampling mode per level: a string for every level, a list per level (index 0 =
     finest), or the preset's modes resized to ``depth`` like the other per-level fields."""
     if "upsample" not in params:
-        return _resized(preset.upsample, depth)
+        return _resized(tuple(preset.upsample), depth)  # a tuple once built (Preset)
     value = params["upsample"]
     modes = value if isinstance(value, list) else [value] * depth
     if len(modes) != depth:

@@ -10,6 +10,7 @@ docs/presets.md lists them). Users override parts of a preset with the manifest'
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ def levels(value: int | str, depth: int = 5) -> tuple:
 
 
 # The networks several tasks share (each task's module holds its presets).
-DENOISE_NET = {
+DENOISE_NET: dict[str, Any] = {
     "channels_down": levels(128),
     "channels_up": levels(128),
     "channels_skip": levels(4),
@@ -61,4 +62,4 @@ DENOISE_NET = {
     "kernels_up": levels(3),
     "upsample": levels("bilinear"),
 }
-NEAREST_128 = {**DENOISE_NET, "upsample": levels("nearest")}
+NEAREST_128: dict[str, Any] = {**DENOISE_NET, "upsample": levels("nearest")}

@@ -115,13 +115,15 @@ class FitSlot:
     def record(self, padded_output: torch.Tensor, energy: torch.Tensor) -> None:
         crop = self.problem.placement.crop(padded_output)
         w = self.config.exp_weight
+        current = crop
         if w > 0:
-            self.average = crop if self.average is None else self.average * w + crop * (1 - w)
-        current = self.average if w > 0 else crop
+            current = crop if self.average is None else self.average * w + crop * (1 - w)
+            self.average = current
         self.energies[self.step] = energy
-        if self.psnrs is not None:
-            self.psnrs[self.step] = psnr(current, self.problem.reference)
-        if self.stop_rule is not None:
+        reference = self.problem.reference
+        if self.psnrs is not None and reference is not None:  # psnrs exist iff reference does
+            self.psnrs[self.step] = psnr(current, reference)
+        if self.stop_rule is not None and self.stop_stats is not None:  # both set or neither
             if self.stopper is None:
                 self.stopper = VarianceStopper(self.stop_rule, crop, self.problem.energy_floor)
             self.stop_stats[self.step] = self.stopper.update(self.step, crop, current, energy)
@@ -133,6 +135,7 @@ class FitSlot:
     def sync(self, net: PackedNetwork, adam: FlatAdam) -> str | None:
         """Check the window since the last checkpoint (one host read); the stop reason when
         the fit is over, None to go on."""
+        assert self.checkpoint is not None and self.trusted is not None, "start() comes first"
         cfg, start = self.config, self.checkpoint.step
         window = self.energies[start : self.step].double().cpu()
         final = self.step >= cfg.iterations
@@ -180,15 +183,19 @@ class FitSlot:
         """The averaged output where the task averages, the image at the chosen step when the
         stopping rule fired, otherwise the output for the un-jittered input (not the last
         jittered one, which the reference code returns)."""
+        n, decision = self.step, self._decision()
+        stopped_at = n
         if reason == "auto":
-            image = self.stopper.best_image
+            # Only the stopper says "auto", and only once it has decided.
+            assert self.stopper is not None and decision is not None
+            image, stopped_at = self.stopper.best_image, decision[0]
         elif self.average is not None:
             image = self.average
         else:
+            assert final_output is not None, "needed when there is no average"
             image = self.problem.placement.crop(final_output)
         energy = self.problem.energy(self.problem.operator(image), self.problem.data).item()
         ref = self.problem.reference
-        n = self.step
         return FitResult(
             image=image[0].float().cpu(),
             steps=torch.arange(n, dtype=torch.int64),
@@ -201,8 +208,8 @@ class FitSlot:
             seconds=time.perf_counter() - self.started,
             seed=self.config.seed,
             device=str(device),
-            stopped_at=self._decision()[0] if reason == "auto" else n,
+            stopped_at=stopped_at,
             stop_reason=reason,
             rollbacks=self.rollbacks,
-            stop_decision=self._decision(),
+            stop_decision=decision,
         )

@@ -86,11 +86,11 @@ def build_demo(storage: Storage, out: str, iterations: int | None = None) -> str
             "seed": seed,
             "iterations": iterations or job.iterations,
         }
-        row["reference"] = join(out, "inputs", f"{job_id}_ref.png")
-        storage.write_bytes(row["reference"], encode_png(clean))
+        reference = row["reference"] = join(out, "inputs", f"{job_id}_ref.png")
+        storage.write_bytes(reference, encode_png(clean))
         for role, pixels in job.degrade(clean, np.random.default_rng(seed)).items():
-            row[role] = join(out, "inputs", f"{job_id}_{role}.png")
-            storage.write_bytes(row[role], encode_png(pixels))
+            uri = row[role] = join(out, "inputs", f"{job_id}_{role}.png")
+            storage.write_bytes(uri, encode_png(pixels))
         row["scale"] = job.scale
         row["params"] = json.dumps(job.params)
         rows.append(row)

@@ -12,6 +12,7 @@ import json
 import posixpath
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 
@@ -41,7 +42,8 @@ def build_from_folder(storage: Storage, spec: FolderSpec) -> pa.Table:
     files = [u for u in storage.list_files(spec.folder) if u.lower().endswith(IMAGE_SUFFIXES)]
     by_stem = {posixpath.splitext(posixpath.basename(u))[0]: u for u in files}
     companions = tuple(ROLE_SUFFIXES.values())
-    rows, seen = [], {}
+    rows: list[dict[str, Any]] = []
+    seen: dict[str, str] = {}
     for stem, uri in sorted(by_stem.items()):
         if stem.endswith(companions):
             continue
@@ -49,7 +51,7 @@ def build_from_folder(storage: Storage, spec: FolderSpec) -> pa.Table:
         if job_id in seen:
             raise ValueError(f"{uri} and {seen[job_id]} both give the id {job_id!r}; rename one")
         seen[job_id] = uri
-        row = {"id": job_id, "task": spec.task, "image": uri}
+        row: dict[str, Any] = {"id": job_id, "task": spec.task, "image": uri}
         for role, suffix in ROLE_SUFFIXES.items():
             row[role] = by_stem.get(stem + suffix)
         row.update(scale=spec.scale, iterations=spec.iterations, seed=None)

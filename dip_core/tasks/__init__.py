@@ -36,7 +36,7 @@ __all__ = [
 ]  # fmt: skip
 
 
-def get_task(name: str) -> Task:
+def get_task(name: object) -> Task:
     """The registered task of that name; DipInputError naming the known ones otherwise."""
     task = TASKS.get(name) if isinstance(name, str) else None
     if task is None:

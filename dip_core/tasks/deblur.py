@@ -19,7 +19,7 @@ from ..energies import MeanSquaredError
 from ..errors import DipInputError
 from ..params import number
 from ..presets import DENOISE_NET, Preset
-from .base import Task, noise_floor
+from .base import Inputs, Task, noise_floor
 
 MAX_BLUR_PIXELS = 64.0  # a kernel wider than this is a different problem than deblurring
 
@@ -40,7 +40,15 @@ class Deblur(Task):
         blur_kernel(params)  # refuses a missing or bad kernel before any fit
         return {}
 
-    def measurement(self, preset, params, observation, inputs, output_hw, feature_net):
+    def measurement(
+        self,
+        preset: Preset,
+        params: dict,
+        observation: torch.Tensor,
+        inputs: Inputs,
+        output_hw: tuple[int, int],
+        feature_net: nn.Module | None,
+    ) -> tuple[nn.Module, nn.Module, torch.Tensor]:
         return Blur(blur_kernel(params)), MeanSquaredError(), observation
 
     def energy_floor(self, observation: torch.Tensor) -> float | None:
@@ -91,6 +99,8 @@ def motion_kernel(length: float, angle_degrees: float) -> torch.Tensor:
 class Blur(nn.Module):
     """A(x) = k * x, per channel, the same size as x, borders replicated (convolution, not
     correlation: the kernel is flipped, as scipy.ndimage.convolve does)."""
+
+    kernel: torch.Tensor
 
     def __init__(self, kernel: torch.Tensor) -> None:
         super().__init__()

@@ -5,13 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..energies import MeanSquaredError
 from ..errors import DipInputError
 from ..operators import FeatureMap
 from ..params import integer
 from ..presets import Preset, levels
-from .base import Task
+from .base import Inputs, Task
 
 
 class Preimage(Task):
@@ -36,7 +37,15 @@ class Preimage(Task):
             return {"feature_layer": integer(params["feature_layer"], "feature_layer", 1, 19)}
         return {}
 
-    def measurement(self, preset, params, observation, inputs, output_hw, feature_net):
+    def measurement(
+        self,
+        preset: Preset,
+        params: dict,
+        observation: torch.Tensor,
+        inputs: Inputs,
+        output_hw: tuple[int, int],
+        feature_net: nn.Module | None,
+    ) -> tuple[nn.Module, nn.Module, torch.Tensor]:
         if feature_net is None:
             raise DipInputError("preimage needs a feature network (feature_net)")
         phi = FeatureMap(feature_net)
