@@ -109,8 +109,8 @@ def _png_size(data: bytes) -> tuple[int, int]:
 
 def _from_pillow(image: Image.Image) -> DecodedImage:
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit greyscale (TIFF, some PNGs)
-        grey = np.asarray(image, dtype=np.float64).clip(0, 65535) / 65535.0
-        return DecodedImage(grey[None].astype(np.float32), None, 16)
+        levels = np.asarray(image, dtype=np.float64).clip(0, 65535) / 65535.0
+        return DecodedImage(levels[None].astype(np.float32), None, 16)
     has_alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
     grey = image.mode in ("1", "L", "LA", "I;16", "F")
     target = ("LA" if grey else "RGBA") if has_alpha else ("L" if grey else "RGB")

@@ -111,7 +111,7 @@ PROCESS_LOCAL_PROTOCOLS = ("memory",)
 
 
 def is_process_local(uri: str | None) -> bool:
-    return bool(uri) and protocol_of(uri) in PROCESS_LOCAL_PROTOCOLS
+    return bool(uri and protocol_of(uri) in PROCESS_LOCAL_PROTOCOLS)
 
 
 def protocol_of(uri: str) -> str:
