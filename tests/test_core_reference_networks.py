@@ -129,6 +129,11 @@ DENOISE_NET = dict(input_depth=32, pad="reflection", upsample="bilinear")  # get
 REFERENCE = {
     # denoising.ipynb, F16: get_net(32, 'skip', 'reflection', 128, 128, 4, 5 scales, bilinear)
     "denoise": (dict(task="denoise"), lambda: port_get_net(**DENOISE_NET)),
+    # Not in the paper: deblurring takes the denoising network.
+    "deblur": (
+        dict(task="deblur", params={"blur_sigma": 1.0}),
+        lambda: port_get_net(**DENOISE_NET),
+    ),
     # denoising.ipynb, snail (JPEG): skip(3, 3, [8..128], [8..128], [0,0,0,4,4], bilinear)
     "jpeg": (
         dict(task="jpeg"),
