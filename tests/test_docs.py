@@ -1,0 +1,25 @@
+"""The docs name what the code has: every registered task and input role."""
+
+from pathlib import Path
+
+from dip_core import INPUT_ROLES, PRESETS, TASKS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_every_task_and_role_is_in_the_manifest_docs():
+    text = (ROOT / "manifests" / "README.md").read_text()
+    task_row = next(line for line in text.splitlines() if line.startswith("| `task`"))
+    for name in TASKS:
+        assert f"`{name}`" in task_row, name
+    for role in INPUT_ROLES:
+        assert f"| `{role.name}` |" in text, role.name
+
+
+def test_every_task_is_in_the_readme_and_every_preset_in_docs_presets():
+    readme = (ROOT / "README.md").read_text()
+    for name in TASKS:
+        assert f"`{name}`" in readme, name
+    presets = (ROOT / "docs" / "presets.md").read_text()
+    for name in PRESETS:
+        assert f"| `{name}` |" in presets, name
