@@ -27,6 +27,7 @@ from pipeline.outputs import RESULT_SCHEMA
 from pipeline.progress import RunSummary
 from pipeline.runner import RunConfig, _prepare_out, pending_jobs
 from pipeline.storage import Storage
+from pipeline.worker import WorkerConfig
 
 
 def memory_mib(field: str) -> float:
@@ -65,7 +66,8 @@ def measure(storage: Storage, manifest: Path, out: Path) -> tuple[int, float, fl
     started = time.perf_counter()
     info = inspect_manifest(storage, str(manifest))
     summary = RunSummary(manifest_rows=info.num_rows)
-    finished = _prepare_out(storage, RunConfig(str(manifest), str(out)), info, summary)
+    config = RunConfig(str(manifest), WorkerConfig(str(out)))
+    finished = _prepare_out(storage, config, info, summary)
     jobs = sum(1 for _ in pending_jobs(storage, info, finished))
     return jobs, time.perf_counter() - started, memory_mib("VmHWM")
 

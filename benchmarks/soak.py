@@ -46,6 +46,7 @@ from pipeline.manifest import MANIFEST_SCHEMA
 from pipeline.outputs import read_results
 from pipeline.runner import RunConfig, run
 from pipeline.storage import Storage
+from pipeline.worker import WorkerConfig
 
 TINY = '{"channels": 4, "depth": 2, "input_depth": 4, "skip_channels": 2}'
 # kind -> (row changes, substring of the expected error; None = must end ok)
@@ -197,17 +198,20 @@ def check(out: str, kinds: dict[str, str]) -> dict:
 def soak(args: argparse.Namespace, folder: Path) -> dict:
     rng = np.random.default_rng(args.seed)
     kinds = make_inputs(folder, args.jobs, args.bad_share, args.iterations, rng)
+    worker = WorkerConfig(
+        out=str(folder / "out"),
+        device="cpu",
+        sync_every=1000,
+        fake_fit_seconds=args.fake_fit_seconds,
+    )
     config = RunConfig(
         manifest=str(folder / "manifest.parquet"),
-        out=str(folder / "out"),
+        worker=worker,
         gpus=args.gpus,
         cpus_per_worker=0.5,
         max_attempts=args.max_attempts,
-        sync_every=1000,
         flush_rows=64,
-        fake_fit_seconds=args.fake_fit_seconds,
         show_progress=False,
-        device="cpu",
     )
     memory, killer = MemorySampler(), Killer(args.kill_every, args.max_kills, args.seed)
     memory.start()

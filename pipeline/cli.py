@@ -6,26 +6,29 @@ the command line is unusable (nothing ran); 130 interrupted (rerun to resume).
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
-from typing import Annotated
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
+from pipeline.errors import DippipeError
 from pipeline.folder import FolderSpec, build_from_folder
 from pipeline.images import DEFAULT_MAX_PIXELS
-from pipeline.lock import DEFAULT_STALE_SECONDS, OutLockedError
+from pipeline.lock import DEFAULT_STALE_SECONDS
 from pipeline.manifest import ManifestError
-from pipeline.outputs import OutputWriteError
 from pipeline.progress import errors_table, summary_table
-from pipeline.retry import StorageUnavailableError
-from pipeline.runner import RunConfig, RunError, run
+from pipeline.runner import RunConfig, run
 from pipeline.safetext import PrintableLogFilter, for_console
-from pipeline.scheduler import WorkersKeepDying
 from pipeline.storage import Storage, StorageOptions
 from pipeline.validate import validate_manifest
+from pipeline.worker import WorkerConfig
 
 app = typer.Typer(
     help="Deep Image Prior restoration over a Parquet manifest, on Ray, local or S3 storage.",
@@ -34,12 +37,6 @@ app = typer.Typer(
 )
 console = Console(stderr=True, soft_wrap=True)  # whole lines: logs stay greppable
 
-S3Endpoint = Annotated[
-    str | None, typer.Option(help="S3 endpoint URL (default: $AWS_ENDPOINT_URL).")
-]
-S3Region = Annotated[str | None, typer.Option(help="S3 region (default: $AWS_REGION).")]
-S3Anonymous = Annotated[bool, typer.Option(help="Unsigned S3 requests (public buckets).")]
-S3Profile = Annotated[str | None, typer.Option(help="AWS profile (default: $AWS_PROFILE).")]
 MaxPixels = Annotated[
     int,
     typer.Option(
@@ -50,10 +47,42 @@ MaxPixels = Annotated[
 ]
 
 
-def _storage_options(endpoint, region, anonymous, profile, **extra) -> StorageOptions:
-    return StorageOptions.from_env(
-        endpoint_url=endpoint, region=region, anonymous=anonymous, profile=profile, **extra
-    )
+# The S3 flags of every command that reads or writes storage: (name, type, default, help).
+S3_FLAGS = (
+    ("s3_endpoint_url", str | None, None, "S3 endpoint URL (default: $AWS_ENDPOINT_URL)."),
+    ("s3_region", str | None, None, "S3 region (default: $AWS_REGION)."),
+    ("s3_anonymous", bool, False, "Unsigned S3 requests (public buckets)."),
+    ("s3_profile", str | None, None, "AWS profile (default: $AWS_PROFILE)."),
+)
+
+
+def with_s3_flags(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Give a command the S3 flags, in place of its keyword-only ``storage_options``
+    parameter, and call it with them as one StorageOptions (flags first, then the AWS
+    environment)."""
+    flags = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                          annotation=Annotated[kind, typer.Option(help=help_text)])
+        for name, kind, default, help_text in S3_FLAGS
+    ]  # fmt: skip
+    signature = inspect.signature(command, eval_str=True)  # Typer reads the evaluated types
+    parameters = []
+    for parameter in signature.parameters.values():
+        parameters += flags if parameter.name == "storage_options" else [parameter]
+
+    @functools.wraps(command)
+    def with_storage(**values: Any) -> Any:
+        options = StorageOptions.from_env(
+            endpoint_url=values.pop("s3_endpoint_url"),
+            region=values.pop("s3_region"),
+            anonymous=values.pop("s3_anonymous"),
+            profile=values.pop("s3_profile"),
+        )
+        return command(storage_options=options, **values)
+
+    typer_signature = signature.replace(parameters=parameters)
+    with_storage.__signature__ = typer_signature  # type: ignore[attr-defined]
+    return with_storage
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -65,7 +94,7 @@ def _setup_logging(quiet: bool) -> None:
     logger.propagate = False
 
 
-def _manifest_failed(error: ManifestError) -> None:
+def _manifest_failed(error: ManifestError) -> NoReturn:
     console.print(f"[red]manifest rejected, nothing was run:[/] {for_console(error.uri)}")
     for problem in error.problems:
         console.print(f"  - {for_console(problem, None)}")
@@ -73,6 +102,7 @@ def _manifest_failed(error: ManifestError) -> None:
 
 
 @app.command("run")
+@with_s3_flags
 def run_command(
     manifest: Annotated[str, typer.Argument(help="Manifest Parquet: path or URI.")],
     out: Annotated[str, typer.Option("--out", "-o", help="Output folder: path or URI.")],
@@ -93,10 +123,8 @@ def run_command(
     flush_seconds: Annotated[float, typer.Option(help="Write results at least this often.")] = 10.0,
     progress: Annotated[bool, typer.Option(help="Show the live progress bar.")] = True,
     quiet: Annotated[bool, typer.Option(help="Only warnings in the log.")] = False,
-    s3_endpoint_url: S3Endpoint = None,
-    s3_region: S3Region = None,
-    s3_anonymous: S3Anonymous = False,
-    s3_profile: S3Profile = None,
+    *,
+    storage_options: StorageOptions,
     stop: Annotated[
         str | None,
         typer.Option(help="'auto': stop each fit by its output variance; 'fixed': run every step."),
@@ -139,28 +167,31 @@ def run_command(
         console.print(f"[red]--stop must be 'auto' or 'fixed', got {stop!r}[/]")
         raise typer.Exit(2)
     defaults = {k: v for k, v in (("stop", stop), ("ensemble", ensemble)) if v is not None}
+    if io_retries is not None:  # --io-retries wins over $DIPPIPE_IO_RETRIES
+        storage_options = replace(storage_options, retries=io_retries)
+    worker = WorkerConfig(
+        out=out,
+        storage=storage_options,
+        device=device,
+        threads=threads or max(1, int(cpus_per_worker)),
+        sync_every=max(1, sync_every),
+        fake_fit_seconds=fake_fit_seconds,
+        param_defaults=defaults,
+        fits_per_gpu=fits_per_gpu,
+        max_pixels=max_pixels,
+    )
     config = RunConfig(
         manifest=manifest,
-        out=out,
+        worker=worker,
         gpus=gpus,
         workers=workers,
         cpus_per_worker=cpus_per_worker,
         address=address,
         retry_failed=retry_failed,
         max_attempts=max(1, max_attempts),
-        storage=_storage_options(
-            s3_endpoint_url, s3_region, s3_anonymous, s3_profile, retries=io_retries
-        ),
-        device=device,
-        threads=threads,
-        sync_every=max(1, sync_every),
         flush_rows=max(1, flush_rows),
         flush_seconds=flush_seconds,
-        fake_fit_seconds=fake_fit_seconds,
         show_progress=progress,
-        param_defaults=defaults,
-        fits_per_gpu=fits_per_gpu,
-        max_pixels=max_pixels,
         force_unlock=force_unlock,
         stale_lock_seconds=stale_lock_seconds,
     )
@@ -168,10 +199,7 @@ def run_command(
         summary = run(config, console)
     except ManifestError as error:
         _manifest_failed(error)
-    except (RunError, WorkersKeepDying) as error:
-        console.print(f"[red]run stopped:[/] {error}")
-        raise typer.Exit(2) from None
-    except (OutLockedError, OutputWriteError, StorageUnavailableError) as error:
+    except DippipeError as error:  # the run cannot go on (OUT locked, no storage, no GPUs...)
         console.print(f"[red]run stopped:[/] {for_console(error, None)}")
         raise typer.Exit(2) from None
     console.print(summary_table(summary, out))
@@ -181,17 +209,15 @@ def run_command(
 
 
 @app.command("validate")
+@with_s3_flags
 def validate_command(
     manifest: Annotated[str, typer.Argument(help="Manifest Parquet: path or URI.")],
-    s3_endpoint_url: S3Endpoint = None,
-    s3_region: S3Region = None,
-    s3_anonymous: S3Anonymous = False,
-    s3_profile: S3Profile = None,
+    *,
+    storage_options: StorageOptions,
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
 ) -> None:
     """Check schema, ids, tasks, params, that every file exists and that sizes match."""
-    options = _storage_options(s3_endpoint_url, s3_region, s3_anonymous, s3_profile)
-    report = validate_manifest(Storage(options), manifest, max_pixels=max_pixels)
+    report = validate_manifest(Storage(storage_options), manifest, max_pixels=max_pixels)
     for problem in report.manifest_problems:
         console.print(f"[red]manifest:[/] {for_console(problem, None)}")
     for warning in report.warnings:
@@ -212,6 +238,7 @@ def validate_command(
 
 
 @app.command("manifest")
+@with_s3_flags
 def manifest_command(
     folder: Annotated[str, typer.Argument(help="Folder of images: path or URI.")],
     task: Annotated[str, typer.Option(help="Task of every job.")],
@@ -219,13 +246,11 @@ def manifest_command(
     scale: Annotated[int | None, typer.Option(help="super_resolution factor.")] = None,
     iterations: Annotated[int | None, typer.Option(help="Steps per job.")] = None,
     params: Annotated[str | None, typer.Option(help="JSON object of preset overrides.")] = None,
-    s3_endpoint_url: S3Endpoint = None,
-    s3_region: S3Region = None,
-    s3_anonymous: S3Anonymous = False,
-    s3_profile: S3Profile = None,
+    *,
+    storage_options: StorageOptions,
 ) -> None:
     """Write a manifest for every image of FOLDER (NAME_mask / NAME_flash / NAME_ref beside)."""
-    storage = Storage(_storage_options(s3_endpoint_url, s3_region, s3_anonymous, s3_profile))
+    storage = Storage(storage_options)
     try:
         parsed = json.loads(params) if params else None
         spec = FolderSpec(folder, task, scale, iterations, parsed)
@@ -253,6 +278,7 @@ def demo_command(
 
 
 @app.command("report")
+@with_s3_flags
 def report_command(
     out: Annotated[str, typer.Argument(help="Output folder of a run: path or URI.")],
     open_browser: Annotated[
@@ -261,15 +287,13 @@ def report_command(
     gallery: Annotated[int, typer.Option(help="Jobs shown in the gallery, at most.")] = 48,
     sort: Annotated[str, typer.Option(help="Gallery ranking: 'psnr' or 'energy'.")] = "psnr",
     thumb: Annotated[int, typer.Option(help="Longest edge of embedded images (px).")] = 256,
-    s3_endpoint_url: S3Endpoint = None,
-    s3_region: S3Region = None,
-    s3_anonymous: S3Anonymous = False,
-    s3_profile: S3Profile = None,
+    *,
+    storage_options: StorageOptions,
 ) -> None:
     """Write OUT/report.html: summary, failed jobs, gallery with energy / PSNR curves."""
     from pipeline.report import ReportError, ReportOptions, run_report
 
-    storage = Storage(_storage_options(s3_endpoint_url, s3_region, s3_anonymous, s3_profile))
+    storage = Storage(storage_options)
     try:
         options = ReportOptions(gallery=gallery, sort=sort, thumb=thumb)
         run_report(storage, out, options, open_browser, console)

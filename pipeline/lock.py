@@ -34,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
+from pipeline.errors import DippipeError
 from pipeline.retry import describe
 from pipeline.safetext import printable
 from pipeline.storage import Storage, join
@@ -44,7 +45,7 @@ DEFAULT_STALE_SECONDS = 600.0
 _HELD_HERE: set[str] = set()  # run ids of the locks this process holds now
 
 
-class OutLockedError(RuntimeError):
+class OutLockedError(DippipeError, RuntimeError):
     """Another live run holds OUT's lock, or the lock cannot be created."""
 
 

@@ -24,6 +24,7 @@ from typing import Any
 import pyarrow as pa
 
 from dip_core import INPUT_ROLES, TASKS, DipInputError, check_params, get_task
+from pipeline.errors import DippipeError
 from pipeline.ids import IdChecker
 from pipeline.retry import StorageUnavailableError, describe
 from pipeline.safetext import printable
@@ -50,7 +51,7 @@ MAX_ITERATIONS = 1_000_000  # a sanity bound: the paper's longest runs are a few
 MAX_PARAMS_CHARS = 65_536  # a params JSON object is a few dozen characters
 
 
-class ManifestError(ValueError):
+class ManifestError(DippipeError, ValueError):
     """The manifest as a whole is unusable; `problems` says why, naming rows."""
 
     def __init__(self, uri: str, problems: list[str]) -> None:

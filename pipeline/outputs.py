@@ -28,6 +28,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.errors import DippipeError
 from pipeline.ids import is_safe_id
 from pipeline.retry import describe
 from pipeline.safetext import printable
@@ -96,7 +97,7 @@ class JobOutcome:
         return self.row["status"] == STATUS_OK
 
 
-class OutputWriteError(RuntimeError):
+class OutputWriteError(DippipeError, RuntimeError):
     """Results cannot be written to OUT (full disk, no permission, storage down): the run
     stops, since every further job would be lost too."""
 

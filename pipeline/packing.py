@@ -18,8 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dip_core.engine import slots_that_fit
-from dip_core.fit import FitItem, FitResult, PackedRunner, resolve_device
+from dip_core import FitItem, FitResult, PackedRunner, resolve_device, slots_that_fit
 
 
 @dataclass(frozen=True)
@@ -56,7 +55,7 @@ class PackedFitService:
 
     def run(self, items: list[FitItem]) -> list[FitResult]:
         """Fit every item (their tags are ignored) and return the results in order."""
-        futures = [Future() for _ in items]
+        futures: list[Future[FitResult]] = [Future() for _ in items]
         for item, future in zip(items, futures, strict=True):
             item.tag = future
             self.inbox.put(item)

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from pipeline.errors import DippipeError
 from pipeline.safetext import printable
 
 log = logging.getLogger("dippipe")
@@ -84,7 +85,7 @@ TRANSIENT_S3_CODES = frozenset(
 )
 
 
-class StorageUnavailableError(OSError):
+class StorageUnavailableError(DippipeError, OSError):
     """A transient storage error that outlasted every retry."""
 
 

@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 
@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 import ray
 from rich.console import Console
 
-from pipeline.images import DEFAULT_MAX_PIXELS
+from pipeline.errors import DippipeError
 from pipeline.lock import DEFAULT_STALE_SECONDS, OutLock
 from pipeline.manifest import Job, ManifestInfo, inspect_manifest, iter_batches, job_from_row
 from pipeline.outputs import (
@@ -47,34 +47,37 @@ log = logging.getLogger("dippipe")
 VERSIONED = ("dippipe", "torch", "ray", "pyarrow", "fsspec", "s3fs", "pillow", "numpy", "pypng")
 
 
-class RunError(RuntimeError):
+class RunError(DippipeError, RuntimeError):
     """The run cannot start (e.g. more GPUs asked for than the cluster has)."""
 
 
 @dataclass(frozen=True)
 class RunConfig:
+    """What to run, how to schedule it, and what each worker does: ``worker`` (OUT, storage,
+    device, fits per GPU, ...) is built once by the caller and handed to the workers as is."""
+
     manifest: str
-    out: str
+    worker: WorkerConfig
     gpus: int | None = None  # None: every GPU Ray sees (CPU workers when there is none)
     workers: int | None = None  # CPU workers when gpus == 0; None: one per cpus_per_worker
     cpus_per_worker: float = 1.0
     address: str | None = None  # None: embedded local Ray; "auto" or "ray://host:10001"
     retry_failed: bool = False
     max_attempts: int = 3
-    storage: StorageOptions = field(default_factory=StorageOptions)
-    device: str | None = None
-    threads: int | None = None  # torch threads per worker; None: int(cpus_per_worker)
-    sync_every: int = 50
     flush_rows: int = 64
     flush_seconds: float = 10.0
-    fake_fit_seconds: float | None = None  # benchmark only
     show_progress: bool = True
-    param_defaults: dict = field(default_factory=dict)  # run-wide params (--stop, --ensemble)
-    fits_per_gpu: int = 0  # jobs packed per worker; 0: automatic (4 on CUDA, 1 on a CPU)
-    max_pixels: int | None = DEFAULT_MAX_PIXELS  # images declaring more are refused undecoded
     force_unlock: bool = False  # take OUT's lock even from a run that looks alive
     stale_lock_seconds: float = DEFAULT_STALE_SECONDS  # a lock this long without heartbeat is
     # taken over (lock.py)
+
+    @property
+    def out(self) -> str:
+        return self.worker.out
+
+    @property
+    def storage(self) -> StorageOptions:
+        return self.worker.storage
 
 
 def run(config: RunConfig, console: Console | None = None) -> RunSummary:
@@ -184,26 +187,14 @@ def plan_pool(config: RunConfig, pending: int) -> PoolSpec:
         log.warning("%s; the workers wait for the autoscaler", message)
     if gpus > 0:
         return PoolSpec(min(gpus, pending), 1, config.cpus_per_worker)
-    slots = int(resources.get("CPU", 1) // max(config.cpus_per_worker, 1e-3))
-    workers = config.workers or max(1, slots)
+    room = int(resources.get("CPU", 1) // max(config.cpus_per_worker, 1e-3))
+    workers = config.workers or max(1, room)  # as many as the CPUs hold
     return PoolSpec(min(workers, pending), 0, config.cpus_per_worker)
 
 
 def _schedule(config, storage, info, finished, summary, console, run_json) -> None:
     pool = plan_pool(config, summary.pending)
     writer = ShardWriter(storage, config.out, config.flush_rows, config.flush_seconds)
-    worker_config = WorkerConfig(
-        out=config.out,
-        storage=config.storage,
-        device=config.device,
-        threads=config.threads or max(1, int(config.cpus_per_worker)),
-        sync_every=config.sync_every,
-        fake_fit_seconds=config.fake_fit_seconds,
-        ship_process_local=True,
-        param_defaults=config.param_defaults,
-        fits_per_device=config.fits_per_gpu,
-        max_pixels=config.max_pixels,
-    )
     view = ProgressView(console, summary.pending, enabled=config.show_progress)
 
     def on_outcome(outcome: JobOutcome) -> None:
@@ -222,7 +213,7 @@ def _schedule(config, storage, info, finished, summary, console, run_json) -> No
         writer.tick()
         view.update(summary, running, live_steps)
 
-    scheduler = Scheduler(pool, worker_config, storage, on_outcome, on_tick, config.max_attempts)
+    scheduler = Scheduler(pool, config.worker, storage, on_outcome, on_tick, config.max_attempts)
     started = time.monotonic()
     previous = signal.getsignal(signal.SIGTERM)
     _install_sigterm()
@@ -265,21 +256,28 @@ class _RunRecord:
         self.workers: list[dict] = []
 
     def write(self, summary: RunSummary, finished: bool = False) -> None:
-        config = asdict(self.config)
-        config["storage"] = self.config.storage.public()
-        config["manifest"], config["out"] = _redact(config["manifest"]), _redact(config["out"])
         record = {
             "started_at": self.started,
             "finished_at": datetime.now(timezone.utc).isoformat() if finished else None,
             "host": socket.gethostname(),
             "python": sys.version.split()[0],
             "versions": _versions(),
-            "config": config,
+            "config": _recorded_config(self.config),
             "workers": self.workers,
             "summary": summary.as_dict(),
         }
         data = json.dumps(record, indent=2, default=str).encode()
         self.storage.write_bytes(join(self.config.out, "run.json"), data)
+
+
+def _recorded_config(config: RunConfig) -> dict:
+    """The run's settings and its workers' in one flat object, as scripts read them
+    (``config.manifest``, ``config.storage``...): no credentials, not even in a URI."""
+    recorded = asdict(config)
+    recorded.update(recorded.pop("worker"))
+    recorded["storage"] = config.storage.public()
+    recorded["manifest"], recorded["out"] = _redact(config.manifest), _redact(config.out)
+    return recorded
 
 
 def _redact(uri: str) -> str:

@@ -1,17 +1,18 @@
-"""Feeding jobs to long-lived Ray actors, one per GPU (or per CPU slot), with recovery.
+"""Feeding jobs to long-lived Ray actors, one per GPU (or per CPU share), with recovery.
 
 Why this design and not a ready-made one:
 - ``ray.util.ActorPool`` re-raises an actor's death and stops the whole run, and Ray Data's
   ``map_batches`` puts a small manifest into one block (one actor does all the work). We need
   per-job failure isolation and recovery from a dead worker, so the driver drives the actors
   itself with plain public Ray calls (``ray.wait`` / ``ray.get`` / ``ray.kill``).
-- Each actor holds at most one job (bounded in flight: ``workers`` jobs). When it answers, the
-  next job is pulled from a lazy iterator over the manifest: the driver never holds more than
-  one Parquet batch of rows, and the next job starts within one round trip (milliseconds,
-  against fits of seconds to minutes).
+- Each lane of an actor holds at most one job (one lane per actor unless it packs several
+  fits per GPU: ``--fits-per-gpu``), so at most ``workers x lanes`` jobs are in flight. When a
+  lane answers, the next job is pulled from a lazy iterator over the manifest: the driver never
+  holds more than one Parquet batch of rows, and the next job starts within one round trip
+  (milliseconds, against fits of seconds to minutes).
 - A job's own errors come back as a ``failed`` row from the worker (see worker.py); only a dead
-  process surfaces here, as ``RayActorError``. Because an actor runs one job at a time we know
-  exactly which job it was running: the actor is replaced and that job retried, up to
+  process surfaces here, as ``RayActorError``. Because a lane runs one job at a time we know
+  exactly which jobs the actor was running: the actor is replaced and those jobs retried, up to
   ``max_attempts`` in all (the ``attempts`` column), then recorded as failed.
 - Actors also answer ``progress()`` from a separate concurrency group while they fit, so the
   bar shows live steps per second without interrupting the job.
@@ -31,11 +32,12 @@ from typing import Any
 import ray
 import torch
 
+from pipeline.errors import DippipeError
 from pipeline.manifest import Job
 from pipeline.outputs import JobOutcome
 from pipeline.packing import PackedFitService, PackingConfig
 from pipeline.storage import Storage, is_process_local
-from pipeline.worker import FAULT_KILL_JOB, FAULT_MARKER, Fitter, WorkerConfig, failed_outcome
+from pipeline.worker import WORKER_HOOK, Fitter, WorkerConfig, failed_outcome
 
 log = logging.getLogger("dippipe")
 PROGRESS_POLL_SECONDS = 1.0
@@ -48,22 +50,32 @@ AUTO_CUDA_LANES = 4  # --fits-per-gpu auto on a CUDA worker (packing.py caps it 
 def lanes_for(config: WorkerConfig, auto_cuda: int | None = None) -> int:
     """Jobs a worker takes at once: --fits-per-gpu, or auto (0): 4 on CUDA, 1 on a CPU.
     ``auto_cuda`` answers for a process that cannot look at its own device (the driver)."""
-    if config.fits_per_device > 0:
-        return config.fits_per_device
+    if config.fits_per_gpu > 0:
+        return config.fits_per_gpu
     if auto_cuda is not None:
         return auto_cuda
     uses_cuda = config.device != "cpu" and torch.cuda.is_available()
     return AUTO_CUDA_LANES if uses_cuda else 1
 
 
-class WorkersKeepDying(RuntimeError):
+def worker_hook_env() -> dict[str, str]:
+    """With a worker hook set (worker.py), the variables that go to every worker through Ray's
+    runtime_env: the hook and the driver's other DIPPIPE_* settings (workers of a cluster
+    started separately do not inherit the driver's environment). Empty without a hook."""
+    if not os.environ.get(WORKER_HOOK):
+        return {}
+    return {key: value for key, value in os.environ.items() if key.startswith("DIPPIPE_")}
+
+
+class WorkersKeepDying(DippipeError, RuntimeError):
     """Workers die before finishing anything: the run is stopped rather than spinning."""
 
 
-@ray.remote(max_restarts=0, concurrency_groups={"status": 1})
+# Ray's type stubs know neither `concurrency_groups` nor the `.options` of the actor class.
+@ray.remote(max_restarts=0, concurrency_groups={"status": 1})  # type: ignore[call-overload]
 class FitActor:
-    """Fitters in their own process: one job per lane at a time (one lane unless the worker
-    packs several fits per device); `progress` answers while they fit."""
+    """Fitters in their own process, one per lane, each with one job at a time (one lane
+    unless the worker packs several fits per GPU); `progress` answers while they fit."""
 
     def __init__(self, config: WorkerConfig, name: str) -> None:
         node = ray.util.get_node_ip_address()
@@ -73,10 +85,12 @@ class FitActor:
         service = None
         if lanes > 1:
             service = PackedFitService(PackingConfig(lanes, config.device))
-        self.lanes = [Fitter(config, worker=name, node=node, service=service) for _ in range(lanes)]
+        self.fitters = [
+            Fitter(config, name, node, service, ship_process_local=True) for _ in range(lanes)
+        ]
 
     def run(self, job: Job, attempt: int, payload: dict[str, bytes], lane: int = 0) -> JobOutcome:
-        return self.lanes[lane].run(job, attempt, payload)
+        return self.fitters[lane].run(job, attempt, payload)
 
     @ray.method(concurrency_group="status")
     def describe(self) -> dict[str, Any]:
@@ -84,7 +98,7 @@ class FitActor:
 
     @ray.method(concurrency_group="status")
     def progress(self, lane: int = 0) -> dict[str, Any]:
-        return self.lanes[lane].progress
+        return self.fitters[lane].progress
 
 
 @dataclass(frozen=True)
@@ -95,12 +109,12 @@ class PoolSpec:
 
 
 @dataclass
-class Slot:
+class Lane:
     """One lane of one actor: the unit that holds at most one job."""
 
     name: str
     actor: Any
-    lane: int = 0
+    index: int = 0  # which of its actor's lanes
     job: Job | None = None
     attempt: int = 0
     ref: Any = None
@@ -117,7 +131,7 @@ class Scheduler:
     on_outcome: Callable[[JobOutcome], None]
     on_tick: Callable[[int, int], None]  # (running jobs, live steps)
     max_attempts: int = 3
-    slots: list[Slot] = field(default_factory=list)
+    lanes: list[Lane] = field(default_factory=list)
     retry: deque = field(default_factory=deque)
     deaths: int = 0
     _deaths_in_a_row: int = 0
@@ -128,9 +142,9 @@ class Scheduler:
         actors = [self._new_actor(f"worker-{i}") for i in range(self.pool.workers)]
         infos = self._describe_replacing_the_dead(actors)
         for actor, info in zip(actors, infos, strict=True):
-            name, lanes = info["worker"], info["lanes"]
-            self.slots += [
-                Slot(name if lanes == 1 else f"{name}/{k}", actor, k) for k in range(lanes)
+            name, count = info["worker"], info["lanes"]
+            self.lanes += [
+                Lane(name if count == 1 else f"{name}/{k}", actor, k) for k in range(count)
             ]
         for info in infos:
             log.info("%s ready on node %s (pid %s, gpus %s, %s lane(s))", *info.values())
@@ -162,29 +176,29 @@ class Scheduler:
             # One thread per lane for `run`; the "status" group answers besides.
             "max_concurrency": lanes_for(self.worker_config, AUTO_CUDA_LANES),
         }
-        fault_env = {k: os.environ[k] for k in (FAULT_KILL_JOB, FAULT_MARKER) if k in os.environ}
-        if fault_env:  # test-only hook; reaches workers of a running cluster too
-            options["runtime_env"] = {"env_vars": fault_env}
-        return FitActor.options(**options).remote(self.worker_config, name)
+        hook_env = worker_hook_env()
+        if hook_env:
+            options["runtime_env"] = {"env_vars": hook_env}
+        return FitActor.options(**options).remote(self.worker_config, name)  # type: ignore[attr-defined]
 
     def stop(self) -> None:
-        for actor in {id(slot.actor): slot.actor for slot in self.slots}.values():
+        for actor in {id(lane.actor): lane.actor for lane in self.lanes}.values():
             ray.kill(actor, no_restart=True)
 
     def running(self) -> int:
-        return sum(slot.job is not None for slot in self.slots)
+        return sum(lane.job is not None for lane in self.lanes)
 
     def run(self, jobs: Iterator[Job]) -> None:
-        """Feed every job to a free actor until all have an outcome."""
+        """Feed every job to a free lane until all have an outcome."""
         exhausted = False
         while True:
             self._check_started()
             exhausted = self._fill(jobs, exhausted)
-            busy = {slot.ref: slot for slot in self.slots if slot.job is not None}
+            busy = {lane.ref: lane for lane in self.lanes if lane.job is not None}
             if not busy:
                 if exhausted and not self.retry:
                     return
-                starting = [s.starting for s in self.slots if s.starting is not None]
+                starting = [lane.starting for lane in self.lanes if lane.starting is not None]
                 if starting:  # every worker lost: wait for a replacement to be placed
                     ray.wait(starting, num_returns=1, timeout=0.5)
                 continue
@@ -197,8 +211,8 @@ class Scheduler:
             self._poll_progress()
 
     def _fill(self, jobs: Iterator[Job], exhausted: bool) -> bool:
-        for slot in self.slots:
-            if slot.job is not None or slot.starting is not None:
+        for lane in self.lanes:
+            if lane.job is not None or lane.starting is not None:
                 continue
             if self.retry:
                 job, attempt = self.retry.popleft()
@@ -209,13 +223,13 @@ class Scheduler:
                     continue
             else:
                 continue
-            self._submit(slot, job, attempt)
+            self._submit(lane, job, attempt)
         return exhausted
 
-    def _submit(self, slot: Slot, job: Job, attempt: int) -> None:
-        slot.job, slot.attempt, slot.live_step, slot.sent_to = job, attempt, 0, slot.actor
-        slot.ref = slot.actor.run.remote(job, attempt, self._payload(job), slot.lane)
-        log.info("job %s (%s) -> %s, attempt %d", job.id, job.task, slot.name, attempt)
+    def _submit(self, lane: Lane, job: Job, attempt: int) -> None:
+        lane.job, lane.attempt, lane.live_step, lane.sent_to = job, attempt, 0, lane.actor
+        lane.ref = lane.actor.run.remote(job, attempt, self._payload(job), lane.index)
+        log.info("job %s (%s) -> %s, attempt %d", job.id, job.task, lane.name, attempt)
 
     def _payload(self, job: Job) -> dict[str, bytes]:
         """Bytes of the job's memory:// inputs, which only the driver's process can read."""
@@ -227,69 +241,71 @@ class Scheduler:
                     payload[uri] = self.storage.read_bytes(uri)
         return payload
 
-    def _collect(self, slot: Slot) -> None:
-        job, attempt, ref = slot.job, slot.attempt, slot.ref
-        slot.job, slot.ref = None, None
+    def _collect(self, lane: Lane) -> None:
+        job, attempt, ref = lane.job, lane.attempt, lane.ref
+        if job is None:  # an idle lane: nothing to collect
+            return
+        lane.job, lane.ref = None, None
         try:
             outcome = ray.get(ref, timeout=0)
         except DEATH_ERRORS as error:
-            outcome = self._worker_died(slot, job, attempt, error)
+            outcome = self._worker_died(lane, job, attempt, error)
         except ray.exceptions.RayError as error:  # e.g. an input that cannot be pickled
-            outcome = failed_outcome(job, f"{type(error).__name__}: {error}", attempt, slot.name)
+            outcome = failed_outcome(job, f"{type(error).__name__}: {error}", attempt, lane.name)
         if outcome is not None:
             self._deaths_in_a_row = 0
             self.on_outcome(outcome)
 
-    def _worker_died(self, slot: Slot, job: Job, attempt: int, error: Exception):
+    def _worker_died(self, lane: Lane, job: Job, attempt: int, error: Exception):
         self.deaths += 1
         self._deaths_in_a_row += 1
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        log.warning("%s died running job %s (attempt %d): %s", slot.name, job.id, attempt, reason)
-        if self._deaths_in_a_row > 2 * len(self.slots) + self.max_attempts:
+        log.warning("%s died running job %s (attempt %d): %s", lane.name, job.id, attempt, reason)
+        if self._deaths_in_a_row > 2 * len(self.lanes) + self.max_attempts:
             raise WorkersKeepDying(f"workers keep dying without finishing a job: {reason}")
-        if slot.actor is slot.sent_to:  # the first lane to notice replaces the actor for all
-            ray.kill(slot.actor, no_restart=True)
-            dead, replacement = slot.actor, self._new_actor(slot.name.split("/")[0])
+        if lane.actor is lane.sent_to:  # the first of its lanes to notice replaces the actor
+            ray.kill(lane.actor, no_restart=True)
+            dead, replacement = lane.actor, self._new_actor(lane.name.split("/")[0])
             placed = replacement.describe.remote()
-            for lane in self.slots:
-                if lane.actor is dead:
-                    lane.actor, lane.starting = replacement, placed
+            for other in self.lanes:
+                if other.actor is dead:
+                    other.actor, other.starting = replacement, placed
         if attempt < self.max_attempts:
             self.retry.append((job, attempt + 1))
             return None
         message = f"the worker process died {attempt} times while running this job ({reason})"
-        return failed_outcome(job, message, attempt, slot.name)
+        return failed_outcome(job, message, attempt, lane.name)
 
     def _check_started(self) -> None:
         """A replacement takes jobs once placed; until then (its node lost for good, no
         free GPU) the other workers take the retries, so no job waits for it."""
-        starting = list(
-            {id(s.starting): s.starting for s in self.slots if s.starting is not None}.values()
-        )
+        starting = [lane.starting for lane in self.lanes if lane.starting is not None]
+        starting = list({id(ref): ref for ref in starting}.values())  # lanes share an actor
         if not starting:
             return
         done, _ = ray.wait(starting, num_returns=len(starting), timeout=0)
-        for slot in self.slots:
-            if slot.starting is not None and slot.starting in done:
-                slot.starting = None
+        for lane in self.lanes:
+            if lane.starting is not None and lane.starting in done:
+                lane.starting = None
 
     def _poll_progress(self) -> None:
         """Gather answers to earlier progress polls without waiting; send new ones each second."""
         if self._polls:
             done, _ = ray.wait(list(self._polls), num_returns=len(self._polls), timeout=0)
             for ref in done:
-                slot, job_id = self._polls.pop(ref)
+                lane, job_id = self._polls.pop(ref)
                 try:
                     state = ray.get(ref, timeout=0)
                 except ray.exceptions.RayError:
                     continue  # a dead actor: its job's own reference reports it
-                if slot.job is not None and state.get("id") == job_id:
-                    slot.live_step = int(state.get("step") or 0)
+                if lane.job is not None and state.get("id") == job_id:
+                    lane.live_step = int(state.get("step") or 0)
         now = time.monotonic()
         if now - self._last_poll >= PROGRESS_POLL_SECONDS:
             self._last_poll = now
-            polled = {slot.name for slot, _ in self._polls.values()}
-            for slot in self.slots:
-                if slot.job is not None and slot.name not in polled:
-                    self._polls[slot.actor.progress.remote(slot.lane)] = (slot, slot.job.id)
-        self.on_tick(self.running(), sum(s.live_step for s in self.slots if s.job is not None))
+            polled = {lane.name for lane, _ in self._polls.values()}
+            for lane in self.lanes:
+                if lane.job is not None and lane.name not in polled:
+                    self._polls[lane.actor.progress.remote(lane.index)] = (lane, lane.job.id)
+        live_steps = sum(lane.live_step for lane in self.lanes if lane.job is not None)
+        self.on_tick(self.running(), live_steps)

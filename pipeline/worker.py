@@ -1,16 +1,29 @@
-"""One job in, one result out: load the inputs, call ``dip_core.restore``, write the PNG.
+"""One job in, one result out: load the inputs, plan and fit them (``dip_core``), write the PNG.
 
-No Ray here, so a :class:`Fitter` runs and tests in-process; ``runner.py`` wraps it in an actor.
+No Ray here, so a :class:`Fitter` runs and tests in-process; scheduler.py wraps it in an actor.
 Every exception raised by one job becomes that job's ``failed`` row with a message for users;
 only the death of the whole process (killed, segfault) escapes, and the runner handles that.
+
+Hook point, for tests and operations: ``DIPPIPE_WORKER_HOOK=module:function`` names a function
+that every Fitter calls with itself when it starts. It may append to ``fitter.step_listeners``
+callables ``(job_id, step)``, run in the fitting thread at each progress report of a fit (every
+``sync_every`` steps) and once when a fake fit ends; what they raise fails the fit as its own
+error would. Unset (the default), nothing is imported or called. The scheduler hands the
+variable, with the driver's other ``DIPPIPE_*`` variables, to every worker (Ray's runtime_env),
+so it also reaches the workers of a cluster started separately; the module must be importable
+there (installed, on the nodes' PYTHONPATH, or under the driver's working directory, which Ray
+puts on the workers' ``sys.path``). The tests' fault injection (tests/support/worker_faults.py)
+is such a hook.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -31,6 +44,7 @@ from dip_core import (
     resolve_device,
     run_plan,
 )
+from pipeline.errors import DippipeError
 from pipeline.feature_weights import FeatureNets
 from pipeline.images import (
     DEFAULT_MAX_PIXELS,
@@ -45,15 +59,12 @@ from pipeline.outputs import STATUS_FAILED, STATUS_OK, JobOutcome, image_uri
 from pipeline.packing import PackedFitService
 from pipeline.storage import Storage, StorageOptions, is_process_local
 
-# Test-only fault hook: kill this process once, mid-fit, when it runs the named job.
-FAULT_KILL_JOB = "DIPPIPE_FAULT_KILL_JOB"
-FAULT_MARKER = "DIPPIPE_FAULT_MARKER"
-# Test-only: the named job's first fit runs out of (GPU) memory, to exercise the fallback.
-FAULT_OOM_JOB = "DIPPIPE_FAULT_OOM_JOB"
+WORKER_HOOK = "DIPPIPE_WORKER_HOOK"  # module:function, called with each new Fitter (see above)
+StepListener = Callable[[str, int], None]  # (job id, step)
 log = logging.getLogger("dippipe")
 
 
-class JobInputError(ValueError):
+class JobInputError(DippipeError, ValueError):
     """An input file of one job is missing, unreadable or of the wrong size."""
 
 
@@ -67,10 +78,8 @@ class WorkerConfig:
     fake_fit_seconds: float | None = None  # benchmark only: sleep instead of fitting
     # Run-wide params (e.g. from --stop / --ensemble); a job's own params override them.
     param_defaults: dict[str, Any] = field(default_factory=dict)
-    fits_per_device: int = 0  # jobs a worker takes at once, fits packed (packing.py); 0 auto
+    fits_per_gpu: int = 0  # jobs a worker takes at once, fits packed (packing.py); 0: auto
     max_pixels: int | None = DEFAULT_MAX_PIXELS  # declared image size refused above this
-    # In a worker process: memory:// inputs arrive with the job, outputs go back to the driver.
-    ship_process_local: bool = False
 
 
 @dataclass(frozen=True)
@@ -88,17 +97,22 @@ class Fitter:
         worker: str = "local",
         node: str | None = None,
         service: PackedFitService | None = None,
+        ship_process_local: bool = False,
     ):
         self.config = config
         self.service = service
-        self._oom_injected: set[str] = set()  # test-only fault hook (FAULT_OOM_JOB)
+        # In a worker process: memory:// inputs arrive with the job, outputs go back to the
+        # driver (outcome.files), the only process that can read and write them.
+        self.ship_process_local = ship_process_local
         self.worker, self.node = worker, node or socket.gethostname()
         self.storage = Storage(config.storage)
         self.feature_nets = FeatureNets(self.storage.read_bytes)  # pre-image jobs
         self._payload: dict[str, bytes] = {}
         self._shipped: dict[str, bytes] = {}
         self.progress: dict[str, Any] = {}
+        self.step_listeners: list[StepListener] = []
         torch.set_num_threads(max(1, config.threads))
+        _run_worker_hook(self)
 
     def run(self, job: Job, attempt: int = 1, payload: dict | None = None) -> JobOutcome:
         """Run one job; `payload` holds the bytes of its process-local (memory://) inputs."""
@@ -182,16 +196,17 @@ class Fitter:
             "iterations": progress.iterations,
             "energy": progress.energy,
         }
-        _maybe_die(job_id)
-        if os.environ.get(FAULT_OOM_JOB) == job_id and job_id not in self._oom_injected:
-            self._oom_injected.add(job_id)
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected by a test)")
+        self._notify(job_id, progress.step)
         return False
+
+    def _notify(self, job_id: str, step: int) -> None:
+        for listener in self.step_listeners:
+            listener(job_id, step)
 
     def _fake(self, job: Job, inputs: JobInputs) -> JobOutcome:
         """Benchmark mode: a job of known cost that still reads inputs and writes outputs."""
         time.sleep(self.config.fake_fit_seconds or 0.0)
-        _maybe_die(job.id)
+        self._notify(job.id, 0)
         output = self.write_output(job, inputs.observation.pixels, inputs.observation)
         row = _ok_row(job, output, 0, 0.0, None, "fake")
         return JobOutcome(row, {"step": [0], "energy": [0.0], "psnr": [None], "stop_stat": [None]})
@@ -201,14 +216,14 @@ class Fitter:
         its role says (roles.py); job_problems has checked the task."""
         observation = self._read(job.image, "image")
         sizes = {"image": observation.size, "output": output_size(job, observation.size)}
-        companions = {}
+        companions: dict[str, np.ndarray] = {}
         for role in COMPANION_ROLES:
             uri = job.inputs.get(role.name)
             if not uri:
                 continue
             image = self._read_sized(uri, role.name, sizes[role.size_of])
             if role.kind == "mask":  # any non-zero channel marks a known pixel
-                companions[role.name] = (image.pixels > 0).any(axis=0).astype(np.float32)
+                companions[role.name] = np.asarray((image.pixels > 0).any(axis=0), np.float32)
             else:
                 companions[role.name] = _match_channels(image, observation)
         return JobInputs(observation, companions)
@@ -238,7 +253,7 @@ class Fitter:
             alpha = resize_plane(alpha, (pixels.shape[2], pixels.shape[1]))
         uri = image_uri(self.config.out, job.id)
         data = encode_png(pixels, alpha, source.bit_depth)
-        if self.config.ship_process_local and is_process_local(uri):
+        if self.ship_process_local and is_process_local(uri):
             self._shipped[uri] = data
         else:
             self.storage.write_bytes(uri, data)
@@ -293,18 +308,15 @@ def describe_error(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def _maybe_die(job_id: str) -> None:
-    """Test-only: exit the process abruptly the first time the named job runs."""
-    if os.environ.get(FAULT_KILL_JOB) != job_id:
+def _run_worker_hook(fitter: Fitter) -> None:
+    """Call the function DIPPIPE_WORKER_HOOK names, if any, with a new Fitter."""
+    spec = os.environ.get(WORKER_HOOK)
+    if not spec:
         return
-    marker = os.environ.get(FAULT_MARKER)
-    if not marker:
-        return
-    try:
-        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except FileExistsError:
-        return
-    os._exit(1)
+    module, colon, name = spec.partition(":")
+    if not (module and colon and name):
+        raise ValueError(f"{WORKER_HOOK} must be 'module:function', got {spec!r}")
+    getattr(importlib.import_module(module), name)(fitter)
 
 
 def _finite(values: torch.Tensor) -> list[float | None]:

@@ -1,57 +1,47 @@
-"""Shared fixtures: real services, started once per session.
+"""Shared fixtures: real services, started once per session. Builders and tools for tests are
+in tests/support/ (``from tests.support.builders import tiny_image``).
 
+- ``worker_fault_hook`` (automatic): every Fitter of the session, in this process or a Ray
+  worker, runs tests/support/worker_faults.py's hook, inert until a test sets a fault variable.
+  The repository root goes on PYTHONPATH so every process started from here can import it.
 - ``s3_endpoint``: moto's S3 server on 127.0.0.1 (a free port), as a subprocess. The AWS
   variables are set in this process before Ray starts, so Ray workers inherit them.
 - ``ray_local``: a local Ray with 2 CPUs and 2 logical GPUs, a short private temp dir and no
   dashboard. The pipeline sees it initialised and joins it instead of starting its own.
-- small builders for images and manifests (``write_png``, ``write_manifest``).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
-from pipeline.images import encode_png
+from pipeline.worker import WORKER_HOOK
+from tests.support.network import free_port, wait_http
 
-TINY_PARAMS = '{"channels": 8, "depth": 3, "input_depth": 8}'
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+REPOSITORY = Path(__file__).resolve().parents[1]
 
 
-def _wait_http(url: str, seconds: float = 30.0) -> None:
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=1).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
+@pytest.fixture(scope="session", autouse=True)
+def worker_fault_hook() -> Iterator[None]:
+    """Set before any Ray starts, so that its workers inherit both variables."""
+    path = os.pathsep.join(p for p in (str(REPOSITORY), os.environ.get("PYTHONPATH")) if p)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(WORKER_HOOK, "tests.support.worker_faults:install")
+        patch.setenv("PYTHONPATH", path)
+        yield
 
 
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
@@ -67,7 +57,7 @@ def s3_endpoint() -> Iterator[str]:
         AWS_ENDPOINT_URL=endpoint,
     )
     try:
-        _wait_http(endpoint)
+        wait_http(endpoint)
         yield endpoint
     finally:
         server.terminate()
@@ -118,28 +108,3 @@ def s3_bucket(s3_endpoint: str) -> str:
     name = f"dippipe-{uuid.uuid4().hex[:10]}"
     boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=name)
     return f"s3://{name}"
-
-
-def tiny_image(seed: int, size: int = 24, channels: int = 3) -> np.ndarray:
-    """A smooth synthetic image (C, H, W) in [0, 1]: gradients plus a square."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:size, 0:size] / max(size - 1, 1)
-    planes = [(a * x + b * y + c) % 1.0 for a, b, c in rng.random((channels, 3))]
-    image = np.stack(planes).astype(np.float32)
-    image[:, size // 4 : size // 2, size // 4 : size // 2] = 0.9
-    return image
-
-
-def write_png(
-    path: Path | str, pixels: np.ndarray, alpha: np.ndarray | None = None, bits: int = 8
-) -> str:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_bytes(encode_png(pixels, alpha, bits))
-    return str(path)
-
-
-def write_manifest(path: Path | str, rows: list[dict]) -> str:
-    """A manifest from dicts: absent optional columns stay absent, as users write them."""
-    columns = list(dict.fromkeys(key for row in rows for key in row))  # first-seen order
-    pq.write_table(pa.table({c: [row.get(c) for row in rows] for c in columns}), str(path))
-    return str(path)

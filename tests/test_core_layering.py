@@ -1,9 +1,13 @@
-"""dip_core is the mathematics only: importing it must not drag in I/O or scheduling."""
+"""dip_core is the mathematics only: importing it must not drag in I/O or scheduling; and the
+pipeline uses dip_core only through the names its package exports."""
 
+import ast
 import subprocess
 import sys
+from pathlib import Path
 
 FORBIDDEN = ("ray", "fsspec", "s3fs", "pyarrow", "PIL", "typer", "rich", "skimage", "pipeline")
+PIPELINE = Path(__file__).resolve().parents[1] / "pipeline"
 
 
 def test_import_dip_core_loads_no_io_or_scheduling_modules():
@@ -14,3 +18,30 @@ def test_import_dip_core_loads_no_io_or_scheduling_modules():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"dip_core imported {out.stdout.strip()}"
+
+
+def _dip_core_internals(tree: ast.AST, exported: set[str]) -> list[str]:
+    """dip_core modules, or names dip_core does not export, that the imports of `tree` name
+    (at any depth: imports inside functions count too)."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names if alias.name.startswith("dip_core.")]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            if node.module.startswith("dip_core."):
+                found.append(node.module)
+            elif node.module == "dip_core":
+                found += [f"dip_core.{a.name}" for a in node.names if a.name not in exported]
+    return found
+
+
+def test_the_pipeline_imports_only_dip_cores_public_names():
+    import dip_core
+
+    exported = set(dip_core.__all__)
+    bad = []
+    for path in sorted(PIPELINE.rglob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        bad += [f"{path.relative_to(PIPELINE.parent)}: {name}"
+                for name in _dip_core_internals(tree, exported)]  # fmt: skip
+    assert PIPELINE.is_dir() and not bad, f"dip_core internals imported: {bad}"

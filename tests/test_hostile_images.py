@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_PARAMS, tiny_image, write_manifest, write_png
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -23,6 +22,7 @@ from pipeline.outputs import read_results
 from pipeline.storage import Storage
 from pipeline.validate import check_job
 from pipeline.worker import Fitter, WorkerConfig
+from tests.support.builders import TINY_PARAMS, tiny_image, write_manifest, write_png
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import TINY_PARAMS, tiny_image, write_manifest, write_png
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
@@ -27,6 +26,7 @@ from pipeline.manifest import job_from_row as _row_job
 from pipeline.outputs import image_uri
 from pipeline.storage import Storage
 from pipeline.worker import Fitter, WorkerConfig
+from tests.support.builders import TINY_PARAMS, tiny_image, write_manifest, write_png
 
 runner = CliRunner()
 SAFE_ALPHABET = "abcXYZ019._-"

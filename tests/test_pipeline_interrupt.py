@@ -11,12 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import tiny_image, write_manifest, write_png
 from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.outputs import read_results
 from pipeline.storage import Storage
+from tests.support.builders import tiny_image, write_manifest, write_png
 
 JOBS = 12  # enough left to interrupt even when the machine is slow to poll
 

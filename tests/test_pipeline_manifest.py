@@ -8,7 +8,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import TINY_PARAMS, tiny_image, write_manifest, write_png
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -24,6 +23,7 @@ from pipeline.manifest import (
 )
 from pipeline.storage import Storage
 from pipeline.validate import validate_manifest
+from tests.support.builders import TINY_PARAMS, tiny_image, write_manifest, write_png
 
 runner = CliRunner()
 

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import TINY_PARAMS, tiny_image, write_manifest, write_png
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -17,6 +16,7 @@ from pipeline.images import decode_image, encode_png
 from pipeline.manifest import derive_seed
 from pipeline.outputs import read_results, read_traces
 from pipeline.storage import Storage
+from tests.support.builders import TINY_PARAMS, tiny_image, write_manifest, write_png
 
 runner = CliRunner()
 STEPS = 12

@@ -6,7 +6,6 @@ import json
 
 import pyarrow as pa
 import pytest
-from conftest import TINY_PARAMS, tiny_image
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -14,6 +13,7 @@ from pipeline.images import decode_image, encode_png
 from pipeline.manifest import MANIFEST_SCHEMA
 from pipeline.outputs import read_results, read_traces
 from pipeline.storage import Storage, StorageOptions, join
+from tests.support.builders import TINY_PARAMS, tiny_image
 
 runner = CliRunner()
 

@@ -7,12 +7,12 @@ import json
 
 import numpy as np
 import pytest
-from conftest import tiny_image, write_manifest, write_png
 from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.outputs import read_results, read_traces
 from pipeline.storage import Storage
+from tests.support.builders import tiny_image, write_manifest, write_png
 
 SMALL = {"channels": 8, "depth": 3, "input_depth": 8, "stop_window": 5, "stop_patience": 10}
 

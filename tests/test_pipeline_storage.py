@@ -7,7 +7,6 @@ import io
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import tiny_image
 from PIL import Image
 
 from pipeline.images import ImageDecodeError, decode_image, encode_png, image_size
@@ -22,6 +21,7 @@ from pipeline.outputs import (
     remove_orphan_traces,
 )
 from pipeline.storage import Storage, StorageOptions, join
+from tests.support.builders import tiny_image
 
 
 @pytest.mark.parametrize("channels", [1, 3])

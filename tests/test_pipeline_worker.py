@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import TINY_PARAMS, tiny_image, write_png
 
 from pipeline.images import decode_image, encode_png
 from pipeline.manifest import job_from_row
 from pipeline.storage import Storage
 from pipeline.worker import Fitter, WorkerConfig
+from tests.support.builders import TINY_PARAMS, tiny_image, write_png
 
 
 @pytest.fixture
@@ -97,7 +97,7 @@ def test_memory_uris_work_in_process():
 def test_a_fit_that_runs_out_of_memory_is_refitted_with_checkpointing(
     fitter, tmp_path, monkeypatch, caplog
 ):
-    from pipeline.worker import FAULT_OOM_JOB
+    from tests.support.worker_faults import FAULT_OOM_JOB
 
     image = write_png(tmp_path / "in.png", tiny_image(0))
     monkeypatch.setenv(FAULT_OOM_JOB, "j")

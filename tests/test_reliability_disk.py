@@ -15,18 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_image, write_manifest, write_png
-from fault_tools import (
-    assert_exactly_once,
-    assert_no_partial_files,
-    fill_disk,
-    results,
-    tmpfs,
-    unwritable,
-)
 from typer.testing import CliRunner
 
 from pipeline.outputs import shard_of
+from tests.support.builders import tiny_image, write_manifest, write_png
+from tests.support.filesystems import fill_disk, tmpfs, unwritable
+from tests.support.results import assert_exactly_once, assert_no_partial_files, results
 
 runner = CliRunner()
 

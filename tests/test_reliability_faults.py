@@ -11,20 +11,14 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY_PARAMS, tiny_image, write_manifest, write_png
-from fault_tools import (
-    assert_exactly_once,
-    assert_no_partial_files,
-    fit_actor_pids,
-    kill_session,
-    results,
-    start_dippipe,
-)
 from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.outputs import read_traces
 from pipeline.storage import Storage
+from tests.support.builders import TINY_PARAMS, tiny_image, write_manifest, write_png
+from tests.support.processes import fit_actor_pids, kill_session, start_dippipe
+from tests.support.results import assert_exactly_once, assert_no_partial_files, results
 
 STEPS = 150
 

@@ -14,8 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import tiny_image, write_manifest, write_png
-from fault_tools import DIPPIPE, assert_exactly_once, assert_no_partial_files
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -23,6 +21,10 @@ from pipeline.lock import LockInfo, OutLock, OutLockedError
 from pipeline.outputs import JobOutcome, ShardWriter
 from pipeline.runner import RunConfig, run
 from pipeline.storage import Storage, StorageOptions, join
+from pipeline.worker import WorkerConfig
+from tests.support.builders import tiny_image, write_manifest, write_png
+from tests.support.processes import DIPPIPE
+from tests.support.results import assert_exactly_once, assert_no_partial_files
 
 
 def _manifest(tmp_path: Path, ids: list[str]) -> str:
@@ -36,9 +38,8 @@ def _manifest(tmp_path: Path, ids: list[str]) -> str:
 def test_a_second_run_on_the_same_out_is_refused_while_the_first_runs(tmp_path, ray_local):
     ids = [f"c{i}" for i in range(5)]
     manifest, out = _manifest(tmp_path, ids), tmp_path / "out"
-    config = RunConfig(
-        manifest, str(out), gpus=1, fake_fit_seconds=1.0, show_progress=False, flush_rows=1
-    )
+    worker = WorkerConfig(str(out), fake_fit_seconds=1.0)
+    config = RunConfig(manifest, worker, gpus=1, show_progress=False, flush_rows=1)
     first: dict = {}
     thread = threading.Thread(target=lambda: first.setdefault("summary", run(config)))
     thread.start()

@@ -17,8 +17,6 @@ import time
 
 import pyarrow as pa
 import pytest
-from conftest import tiny_image
-from fault_tools import TcpProxy, assert_exactly_once, results
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -26,6 +24,9 @@ from pipeline.images import decode_image, encode_png
 from pipeline.manifest import MANIFEST_SCHEMA
 from pipeline.retry import RetryPolicy, StorageUnavailableError, call_with_retry, is_transient
 from pipeline.storage import Storage, StorageOptions, join
+from tests.support.builders import tiny_image
+from tests.support.network import TcpProxy
+from tests.support.results import assert_exactly_once, results
 
 OUTAGE_SECONDS = 8.0  # longer than botocore's internal retries (about 3 to 6 s)
 

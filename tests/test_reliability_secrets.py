@@ -12,8 +12,6 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 import torch
-from conftest import TINY_PARAMS, tiny_image
-from fault_tools import DIPPIPE
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -22,6 +20,8 @@ from pipeline.images import encode_png
 from pipeline.manifest import MANIFEST_SCHEMA
 from pipeline.outputs import read_results, read_traces
 from pipeline.storage import Storage, StorageOptions, join
+from tests.support.builders import TINY_PARAMS, tiny_image
+from tests.support.processes import DIPPIPE
 
 SECRET = "dippipe-SECRET-KEY-7f3c9a1e5b2d"
 TOKEN = "dippipe-SESSION-TOKEN-2d8e4b6a0c9f"

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import TINY_PARAMS, tiny_image, write_manifest, write_png
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -27,6 +26,7 @@ from pipeline.report import ReportOptions, build_report
 from pipeline.report_data import Trace
 from pipeline.report_svg import curve_svg, envelope
 from pipeline.storage import Storage, join
+from tests.support.builders import TINY_PARAMS, tiny_image, write_manifest, write_png
 
 runner = CliRunner()
 AUTO_STOP_PARAMS = json.dumps(
