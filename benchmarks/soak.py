@@ -14,9 +14,6 @@ retried, jobs lost (must be 0), duplicate rows (must be 0), jobs with an unexpec
 
     python -m benchmarks.soak                      # 1,000 jobs, 4 logical GPUs
     python -m benchmarks.soak --jobs 200 --fake-fit-seconds 0.01
-
-(Run it as a module from the repository root: as a script, this file would shadow the
-``pipeline`` package.)
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from dip_core import TASKS as REGISTERED
 from dip_core import PRESETS, DipInputError, build_problem, check_params, resolve_preset
+from dip_core import TASKS as REGISTERED
 from dip_core.feature_nets import mobilenet_v2_features
 from dip_core.tasks import classify_mask
 

@@ -11,10 +11,7 @@ workers. Reported per N:
 - per-job overhead = N x busy / jobs - T: the time a worker spends per job beyond its fit,
   as a share of T (goal: < 2 % of a 30 s job; >= 95 % efficiency at 8 workers).
 
-    python -m benchmarks.pipeline --job-seconds 2 --jobs-per-worker 4 --workers 1,2,4,8
-
-(Run it as a module from the repository root: as a script, this file would shadow the
-``pipeline`` package.)
+    python -m benchmarks.throughput --job-seconds 2 --jobs-per-worker 4 --workers 1,2,4,8
 """
 
 from __future__ import annotations
@@ -34,6 +31,7 @@ from pipeline.images import encode_png
 from pipeline.manifest import MANIFEST_SCHEMA
 from pipeline.runner import RunConfig, run
 from pipeline.storage import Storage
+from pipeline.worker import WorkerConfig
 
 
 def make_manifest(folder: Path, jobs: int, size: int) -> str:
@@ -54,10 +52,9 @@ def measure(workers: int, job_seconds: float, jobs_per_worker: int, size: int, r
     folder = Path(tempfile.mkdtemp(dir=root))
     config = RunConfig(
         manifest=make_manifest(folder, jobs, size),
-        out=str(folder / "out"),
+        worker=WorkerConfig(str(folder / "out"), fake_fit_seconds=job_seconds),
         gpus=workers,
         cpus_per_worker=0.25,
-        fake_fit_seconds=job_seconds,
         show_progress=False,
     )
     summary = run(config, Console(quiet=True))
@@ -104,7 +101,7 @@ def main() -> None:
     parser.add_argument("--jobs-per-worker", type=int, default=4)
     parser.add_argument("--workers", default="1,2,4,8")
     parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--json", default="bench-out/pipeline.json")
+    parser.add_argument("--json", default="bench-out/throughput.json")
     args = parser.parse_args()
     counts = [int(n) for n in args.workers.split(",")]
     root = Path(tempfile.mkdtemp(prefix="dpb-"))
