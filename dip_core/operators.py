@@ -27,6 +27,10 @@ def resampling_kernel(factor: int, kind: str) -> torch.Tensor:
     Pillow, OpenCV and MATLAB resize. ``lanczos2`` is the reference code's SR kernel
     (support 2: 4 * factor taps at half-pixel offsets, its ``phase=0.5``); ``lanczos3``
     widens it to support 3 (Pillow's LANCZOS); ``box`` averages each block.
+
+    >>> taps = resampling_kernel(2, "lanczos2")
+    >>> len(taps), round(taps.sum().item(), 12), bool((taps == taps.flip(0)).all())
+    (8, 1.0, True)
     """
     if kind == "box":
         return torch.full((factor,), 1.0 / factor, dtype=torch.float64)
@@ -57,7 +61,24 @@ def downsampling_matrix(size: int, factor: int, kind: str) -> torch.Tensor:
 
 
 class Downsampler(nn.Module):
-    """Separable downsampling by an integer factor (super-resolution's degradation)."""
+    """Separable downsampling by an integer factor (super-resolution's degradation).
+
+    A 16 x 8 image becomes 8 x 4 at factor 2; the taps sum to 1, so a flat image stays flat,
+    and ``box`` is the mean of each 2 x 2 block:
+
+    >>> import torch
+    >>> down = Downsampler(16, 8, factor=2)
+    >>> out = down(torch.full((1, 3, 16, 8), 0.25))
+    >>> tuple(out.shape), round(out.min().item(), 6), round(out.max().item(), 6)
+    ((1, 3, 8, 4), 0.25, 0.25)
+    >>> image = torch.arange(16.0).reshape(1, 1, 4, 4)
+    >>> Downsampler(4, 4, factor=2, kind="box")(image)
+    tensor([[[[ 2.5000,  4.5000],
+              [10.5000, 12.5000]]]])
+    """
+
+    rows: torch.Tensor
+    cols: torch.Tensor
 
     def __init__(self, height: int, width: int, factor: int, kind: str = "lanczos2") -> None:
         super().__init__()
@@ -77,6 +98,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 class FeatureMap(nn.Module):
     """Phi(x): a frozen feature network applied to an ImageNet-normalised RGB image."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
 
     def __init__(self, features: nn.Module) -> None:
         super().__init__()

@@ -45,3 +45,25 @@ def test_the_pipeline_imports_only_dip_cores_public_names():
         bad += [f"{path.relative_to(PIPELINE.parent)}: {name}"
                 for name in _dip_core_internals(tree, exported)]  # fmt: skip
     assert PIPELINE.is_dir() and not bad, f"dip_core internals imported: {bad}"
+
+
+# What the report package may use from the rest of the project: it reads a run's OUT.
+REPORT_MAY_USE = {"dip_core", "pipeline.errors", "pipeline.images", "pipeline.outputs",
+                  "pipeline.storage"}  # fmt: skip
+
+
+def test_the_report_is_a_closed_subsystem():
+    used = set()
+    for path in sorted((PIPELINE / "report").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            modules = []
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules = [node.module]
+            used |= {m for m in modules if m.split(".")[0] in ("dip_core", "pipeline")}
+    outside = {m for m in used if not m.startswith("pipeline.report")}
+    assert outside == REPORT_MAY_USE
+    nobody_else = [path for path in PIPELINE.glob("*.py")
+                   if "pipeline.report." in path.read_text()]  # fmt: skip
+    assert nobody_else == [], "only pipeline.report's public names are used outside it"

@@ -22,9 +22,10 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.images import decode_image, encode_png
 from pipeline.outputs import RESULT_SCHEMA, TRACE_SCHEMA, image_uri, read_results
-from pipeline.report import ReportOptions, build_report
-from pipeline.report_data import Trace
-from pipeline.report_svg import curve_svg, envelope
+from pipeline.report import ReportOptions
+from pipeline.report.build import build_report
+from pipeline.report.data import Trace
+from pipeline.report.svg import curve_svg, envelope
 from pipeline.storage import Storage, join
 from tests.support.builders import TINY_PARAMS, tiny_image, write_manifest, write_png
 

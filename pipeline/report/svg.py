@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.report_data import Trace
+from pipeline.report.data import Trace
 
 WIDTH, HEIGHT = 380, 170
 LEFT, RIGHT, TOP, BOTTOM = 52, 46, 32, 30
@@ -30,7 +30,7 @@ class _Axis:
     p0: float
     p1: float
 
-    def __call__(self, values: np.ndarray) -> np.ndarray:
+    def __call__(self, values: np.ndarray | float) -> np.ndarray:
         scale = (self.p1 - self.p0) / (self.hi - self.lo or 1.0)
         return self.p0 + (np.asarray(values, dtype=np.float64) - self.lo) * scale
 

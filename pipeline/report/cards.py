@@ -10,7 +10,7 @@ import html
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.report_media import Thumb
+from pipeline.report.media import Thumb
 
 
 def esc(value: Any) -> str:

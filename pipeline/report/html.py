@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from pipeline.report_cards import Card, esc, render_gallery
-from pipeline.report_scan import RunStats
-from pipeline.report_style import CSS
+from pipeline.report.cards import Card, esc, render_gallery
+from pipeline.report.scan import RunStats
+from pipeline.report.style import CSS
 
 MAX_ERROR_KINDS = 20
 OPEN_FAILURES = 20  # more failed jobs than this: their list starts folded
@@ -75,7 +75,7 @@ def _tile(label: str, value: str, kind: str = "") -> str:
 
 def _summary(model: ReportModel) -> str:
     s = model.stats
-    wall = None if s.first_start is None else s.last_end - s.first_start
+    wall = None if s.first_start is None or s.last_end is None else s.last_end - s.first_start
     # Jobs that failed before getting a device ("none") held no device: not device time.
     device_hours = ", ".join(
         f"{kind} {device_time(seconds)}"

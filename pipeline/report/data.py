@@ -18,11 +18,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from dip_core import INPUT_ROLES
 from pipeline.storage import Storage, join
 
 log = logging.getLogger("dippipe")
 BATCH_ROWS = 65536
-INPUT_COLUMNS = ("image", "reference", "mask", "guide")
+INPUT_COLUMNS = tuple(role.name for role in INPUT_ROLES)  # the manifest's image columns
 TRACE_COLUMNS = ("id", "step", "energy", "psnr")
 
 

@@ -1,8 +1,8 @@
-"""`dippipe report OUT`: OUT/report.html, one self-contained file, written where OUT is.
+"""Building OUT/report.html, one self-contained file, written where OUT is.
 
-Steps, each streaming (see the modules): one pass over the results (report_scan: totals and
-the ranked few jobs the gallery shows, report_pick), then for those jobs only their manifest
-rows, traces and images (report_data, report_media), then the page (report_html). Memory and
+Steps, each streaming (see the modules): one pass over the results (scan: totals and the
+ranked few jobs the gallery shows, pick), then for those jobs only their manifest rows,
+traces and images (data, media), then the page (html, cards, svg, style). Memory and
 time grow with the gallery size, not with the run, apart from one pass over the results'
 projected columns.
 """
@@ -16,20 +16,21 @@ from pathlib import Path
 
 from rich.console import Console
 
+from pipeline.errors import DippipeError
 from pipeline.outputs import image_uri, shard_of
-from pipeline.report_cards import Card
-from pipeline.report_data import read_inputs, read_run_info, read_traces
-from pipeline.report_html import ReportModel, render_page
-from pipeline.report_media import Thumb, load_thumbnails
-from pipeline.report_pick import SORT_MODES, GalleryPicker, Section
-from pipeline.report_scan import RunStats, iter_results
-from pipeline.report_svg import curve_svg
+from pipeline.report.cards import Card
+from pipeline.report.data import read_inputs, read_run_info, read_traces
+from pipeline.report.html import ReportModel, render_page
+from pipeline.report.media import Thumb, load_thumbnails
+from pipeline.report.pick import SORT_MODES, GalleryPicker, Section
+from pipeline.report.scan import RunStats, iter_results
+from pipeline.report.svg import curve_svg
 from pipeline.storage import Storage, join, protocol_of
 
 REPORT_NAME = "report.html"
 
 
-class ReportError(RuntimeError):
+class ReportError(DippipeError, RuntimeError):
     """Nothing to report (no results and no run.json: probably not a run's OUT)."""
 
 
