@@ -2,7 +2,7 @@
 
 Each task's module (tasks/) holds its presets: the paper's settings, read from the reference
 notebooks (reference-method.md). Every preset's network is the one its notebook builds with
-the reference ``skip()``, layer for layer (tests/test_core_reference_networks.py;
+the reference ``skip()``, layer for layer (tests/core/test_core_reference_networks.py;
 docs/presets.md lists them). Users override parts of a preset with the manifest's ``params``
 (see params.py).
 """

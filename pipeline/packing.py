@@ -23,7 +23,7 @@ from dip_core import FitItem, FitResult, PackedRunner, resolve_device, slots_tha
 
 @dataclass(frozen=True)
 class PackingConfig:
-    fits_per_device: int  # upper bound on packed fits (and on the worker's lanes)
+    lanes: int  # the worker's lanes: an upper bound on the fits packed together
     device: str | None = None
 
 
@@ -45,9 +45,7 @@ class PackedFitService:
 
     def __init__(self, config: PackingConfig) -> None:
         device = resolve_device(config.device)
-        self.runner = PackedRunner(
-            config.fits_per_device, device, slots_for=_memory_limited_slots(device)
-        )
+        self.runner = PackedRunner(config.lanes, device, slots_for=_memory_limited_slots(device))
         self.inbox: queue.Queue[FitItem] = queue.Queue()
         self.waiting: deque[FitItem] = deque()
         self.thread = threading.Thread(target=self._loop, name="packed-fits", daemon=True)

@@ -18,7 +18,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 KUBERAY_SCHEMAS = REPO.parent / "shared" / "schemas" / "kuberay"
 KUBERAY_API = "ray.io/v1"

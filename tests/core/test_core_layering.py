@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 FORBIDDEN = ("ray", "fsspec", "s3fs", "pyarrow", "PIL", "typer", "rich", "skimage", "pipeline")
-PIPELINE = Path(__file__).resolve().parents[1] / "pipeline"
+PIPELINE = Path(__file__).resolve().parents[2] / "pipeline"
 
 
 def test_import_dip_core_loads_no_io_or_scheduling_modules():

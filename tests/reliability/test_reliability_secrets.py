@@ -25,7 +25,7 @@ from tests.support.processes import DIPPIPE
 
 SECRET = "dippipe-SECRET-KEY-7f3c9a1e5b2d"
 TOKEN = "dippipe-SESSION-TOKEN-2d8e4b6a0c9f"
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _leaks(text: str) -> list[str]:

@@ -1,10 +1,10 @@
 """The S3 endpoint goes away mid-run for several seconds and comes back: transient errors are
 retried with backoff (bounded, configurable), and the run ends with every job exactly once.
 
-How the outage is made, honestly: the endpoint the pipeline talks to is a TCP forwarder
-process in front of the session's moto server (fault_tools.TcpProxy). It is SIGKILLed (open
-connections reset, new ones refused: what a crashed S3 endpoint looks like from the client)
-and started again on the same port after a pause longer than botocore's own retries. moto's
+How the outage is made, honestly: the endpoint the pipeline talks to is a TCP forwarder process
+in front of the session's moto server (tests.support.network.TcpProxy). It is SIGKILLed (open
+connections reset, new ones refused: what a crashed S3 endpoint looks like from the client) and
+started again on the same port after a pause longer than botocore's own retries. moto's
 in-memory store sits behind it and survives, as a real S3 or MinIO keeps its objects across a
 restart; killing moto itself would instead lose every object, which no real S3 does.
 """

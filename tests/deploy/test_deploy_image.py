@@ -16,7 +16,7 @@ import pytest
 from packaging.requirements import Requirement
 
 tomllib = pytest.importorskip("tomllib", reason="reads pyproject.toml with Python 3.11's tomllib")
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 INSTRUCTIONS = dockerfile.parse_file(str(REPO / "deploy" / "Dockerfile"))
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 

@@ -21,7 +21,7 @@ def _item(seed: int, steps: int, size: int = 16) -> FitItem:
 
 
 def test_threads_share_one_pack_and_each_gets_its_own_results():
-    service = PackedFitService(PackingConfig(fits_per_device=3, device="cpu"))
+    service = PackedFitService(PackingConfig(lanes=3, device="cpu"))
     widest, results = [0], {}
 
     def watch(_progress) -> None:
@@ -47,7 +47,7 @@ def test_threads_share_one_pack_and_each_gets_its_own_results():
 
 
 def test_a_failing_item_fails_alone():
-    service = PackedFitService(PackingConfig(fits_per_device=2, device="cpu"))
+    service = PackedFitService(PackingConfig(lanes=2, device="cpu"))
     bad = _item(1, 5)
     bad.problem.data = bad.problem.data[..., :4]  # breaks its energy: shapes no longer match
     errors = []
