@@ -15,6 +15,14 @@ DOWNSAMPLERS = ("lanczos2", "lanczos3", "box")
 
 
 class Identity(nn.Module):
+    """A(x) = x: the operator of tasks that observe the image itself (denoising).
+
+    >>> import torch
+    >>> x = torch.rand(1, 3, 4, 4)
+    >>> Identity()(x) is x
+    True
+    """
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
@@ -48,6 +56,16 @@ def downsampling_matrix(size: int, factor: int, kind: str) -> torch.Tensor:
 
     Written as a matrix because ``D_h @ img @ D_w.T`` costs a fraction of a grouped
     convolution with a 4*factor-wide kernel (forward and backward).
+
+    Each row is one output pixel's weights, so every row sums to 1 (the padding repeats the
+    edge pixel rather than dropping its weight); ``box`` at factor 2 averages pairs:
+
+    >>> matrix = downsampling_matrix(8, 2, "lanczos3")
+    >>> tuple(matrix.shape), [round(total, 12) for total in matrix.sum(1).tolist()]
+    ((4, 8), [1.0, 1.0, 1.0, 1.0])
+    >>> downsampling_matrix(4, 2, "box")
+    tensor([[0.5000, 0.5000, 0.0000, 0.0000],
+            [0.0000, 0.0000, 0.5000, 0.5000]], dtype=torch.float64)
     """
     taps = resampling_kernel(factor, kind)
     # Centres the kernel on the block of output pixel r: input pixels r*f .. r*f + f - 1.
@@ -97,7 +115,21 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class FeatureMap(nn.Module):
-    """Phi(x): a frozen feature network applied to an ImageNet-normalised RGB image."""
+    """Phi(x): a frozen feature network applied to an ImageNet-normalised RGB image.
+
+    With no network (``nn.Identity``) it shows the normalisation alone: the ImageNet mean
+    colour maps to 0, and a grey image is repeated over the three channels first:
+
+    >>> import torch
+    >>> phi = FeatureMap(nn.Identity())
+    >>> mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1).expand(1, 3, 2, 2)
+    >>> phi(mean).abs().max().item()
+    0.0
+    >>> tuple(phi(torch.zeros(1, 1, 2, 2)).shape)
+    (1, 3, 2, 2)
+    >>> phi.train().features.training  # a BatchNorm inside must keep its running statistics
+    False
+    """
 
     mean: torch.Tensor
     std: torch.Tensor

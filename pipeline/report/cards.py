@@ -19,9 +19,9 @@ def esc(value: Any) -> str:
 
 @dataclass(frozen=True)
 class Card:
-    row: dict  # the job's result row (report_scan.SCAN_SCHEMA)
+    row: dict  # the job's result row (scan.py SCAN_SCHEMA)
     images: list[tuple[str, Thumb | str]]  # (label, thumbnail or why there is none)
-    plot: str | None  # inline SVG made by report_svg (trusted markup), None without a trace
+    plot: str | None  # inline SVG made by svg.py (trusted markup), None without a trace
     full_href: str | None  # link to the restored PNG, relative to report.html
 
 

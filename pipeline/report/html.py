@@ -1,7 +1,7 @@
 """report.html from a ReportModel: the page, the summary and the failed jobs.
 
 Every value that comes from the run (ids, errors, URIs, run.json) goes through `esc`: an error
-message is arbitrary text and must never become markup. The gallery cards are in report_cards.
+message is arbitrary text and must never become markup. The gallery cards are in cards.py.
 """
 
 from __future__ import annotations

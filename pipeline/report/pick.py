@@ -100,7 +100,7 @@ class _Kept:
 
 
 class GalleryPicker:
-    """Feed it result batches (report_scan.SCAN_SCHEMA); ask it for the sections at the end."""
+    """Feed it result batches (scan.py SCAN_SCHEMA); ask it for the sections at the end."""
 
     def __init__(self, sort: str = "psnr", limit: int = 48) -> None:
         self.limit = max(0, limit)
