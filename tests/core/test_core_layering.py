@@ -61,6 +61,8 @@ def test_the_report_is_a_closed_subsystem():
                 modules = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 modules = [node.module]
+            elif isinstance(node, ast.ImportFrom) and node.level > 1:  # out of the package
+                modules = [f"pipeline.{'.'.join(filter(None, [node.module]))} (relative)"]
             used |= {m for m in modules if m.split(".")[0] in ("dip_core", "pipeline")}
     outside = {m for m in used if not m.startswith("pipeline.report")}
     assert outside == REPORT_MAY_USE
