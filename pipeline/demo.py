@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -76,24 +77,29 @@ DEMO_JOBS = {
 }  # fmt: skip
 
 
+def demo_row(job_id: str, job: DemoJob, seed: int, inputs: str, iterations: int | None) -> dict:
+    """The manifest row of a demo job whose files are under ``inputs`` (what build_demo
+    writes there: the degraded image and companions by role, and the clean reference)."""
+    blank = np.zeros((3, SIZE, SIZE), dtype=np.float32)
+    roles = job.degrade(blank, np.random.default_rng(0))  # which files, not their pixels
+    row: dict[str, Any] = {"id": job_id, "task": job.task, "seed": seed,
+                           "iterations": iterations or job.iterations}  # fmt: skip
+    row.update({role: join(inputs, f"{job_id}_{role}.png") for role in roles})
+    row["reference"] = join(inputs, f"{job_id}_ref.png")
+    row.update(scale=job.scale, params=json.dumps(job.params))
+    return row
+
+
 def build_demo(storage: Storage, out: str, iterations: int | None = None) -> str:
     """Write the inputs and the manifest; returns the manifest's URI."""
     rows = []
+    inputs = join(out, "inputs")
     for seed, (job_id, job) in enumerate(DEMO_JOBS.items(), start=1):
+        row = demo_row(job_id, job, seed, inputs, iterations)
         clean = _clean(job.source)
-        row = {
-            "id": job_id,
-            "task": job.task,
-            "seed": seed,
-            "iterations": iterations or job.iterations,
-        }
-        reference = row["reference"] = join(out, "inputs", f"{job_id}_ref.png")
-        storage.write_bytes(reference, encode_png(clean))
+        storage.write_bytes(row["reference"], encode_png(clean))
         for role, pixels in job.degrade(clean, np.random.default_rng(seed)).items():
-            uri = row[role] = join(out, "inputs", f"{job_id}_{role}.png")
-            storage.write_bytes(uri, encode_png(pixels))
-        row["scale"] = job.scale
-        row["params"] = json.dumps(job.params)
+            storage.write_bytes(row[role], encode_png(pixels))
         rows.append(row)
     manifest = join(out, "manifest.parquet")
     storage.write_parquet(manifest, pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA))

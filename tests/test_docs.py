@@ -23,3 +23,20 @@ def test_every_task_is_in_the_readme_and_every_preset_in_docs_presets():
     presets = (ROOT / "docs" / "presets.md").read_text()
     for name in PRESETS:
         assert f"| `{name}` |" in presets, name
+
+
+def test_the_example_manifests_are_the_demos_jobs():
+    import json
+
+    import pyarrow.parquet as pq
+
+    from manifests.make_examples import demo_rows
+
+    for name, inputs in (("demo", "demo-out/inputs"), ("s3", "s3://my-bucket/dippipe-demo/inputs")):
+        written = json.loads((ROOT / "manifests" / "examples" / f"{name}.json").read_text())
+        parquet = pq.read_table(ROOT / "manifests" / "examples" / f"{name}.parquet").to_pylist()
+        assert written == parquet
+        given = [{k: v for k, v in row.items() if v is not None} for row in written]
+        assert given == [
+            {k: v for k, v in row.items() if v is not None} for row in demo_rows(inputs)
+        ]

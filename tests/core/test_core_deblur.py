@@ -68,7 +68,7 @@ def test_blur_operator_is_scipy_convolution_with_nearest_borders(params):
     [
         (None, "needs params.blur_sigma"),
         ({"blur_sigma": 1.0, "motion_length": 3}, "exactly one"),
-        ({"blur_sigma": 0}, "blur_sigma"),
+        ({"blur_sigma": 0}, r"blur_sigma must be in \(0"),
         ({"blur_sigma": 1.0, "motion_angle": 10}, "motion_angle goes with"),
         ({"motion_length": 0.5}, "motion_length"),
         ({"blur_sigma": 1.0, "variant": "text"}, "unknown params"),
@@ -77,8 +77,11 @@ def test_blur_operator_is_scipy_convolution_with_nearest_borders(params):
 def test_bad_deblur_params_are_refused(params, message):
     with pytest.raises(DipInputError, match=message):
         check_params("deblur", params)
+
+
+def test_deblur_keys_belong_to_deblur_only():
     with pytest.raises(DipInputError, match="unknown params"):
-        check_params("denoise", {"blur_sigma": 1.0})  # a deblurring key, not denoising's
+        check_params("denoise", {"blur_sigma": 1.0})
 
 
 @pytest.mark.slow
