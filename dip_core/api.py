@@ -29,17 +29,17 @@ def plan_restore(
     task: str,
     observation: torch.Tensor,
     *,
-    mask: torch.Tensor | None = None,
-    guide: torch.Tensor | None = None,
     scale: int | None = None,
-    reference: torch.Tensor | None = None,
     iterations: int | None = None,
     seed: int = 0,
     params: dict | None = None,
     feature_net: nn.Module | None = None,
     sync_every: int = 50,
+    **inputs: torch.Tensor | None,
 ) -> RestorePlan:
-    """Validate one job and plan its fits (see ``restore``); raises DipInputError."""
+    """Validate one job and plan its fits (see ``restore``); raises DipInputError.
+    ``inputs``: the companion images by input role (dip_core/roles.py: mask, guide,
+    reference); an unknown role is a TypeError."""
     # type(...) is int: a bool is an int to isinstance, and True steps is a caller's bug.
     if iterations is not None and (
         type(iterations) is not int or not 0 <= iterations <= MAX_ITERATIONS
@@ -48,9 +48,8 @@ def plan_restore(
     if type(seed) is not int:
         raise DipInputError(f"seed must be an integer, got {seed!r}")
     problem = build_problem(
-        task, observation, mask=mask, guide=guide, scale=scale, reference=reference,
-        params=params, feature_net=feature_net,
-    )  # fmt: skip
+        task, observation, scale=scale, params=params, feature_net=feature_net, **inputs
+    )
     configs = [
         FitConfig.from_preset(
             problem.preset,
@@ -92,7 +91,7 @@ def restore(
     >>> noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(0))
     >>> noisy = (clean + 0.1 * noise).clamp(0, 1)
     >>> small = {"channels": 8, "depth": 2, "input_depth": 4}
-    >>> result = restore("denoise", noisy, iterations=200, seed=0, params=small)
+    >>> result = restore("denoise", noisy, iterations=200, seed=0, params=small, device="cpu")
     >>> result.image.shape, result.iterations
     (torch.Size([3, 24, 24]), 200)
     >>> round(psnr(noisy, clean).item(), 1), psnr(result.image, clean).item() > 22.5

@@ -17,16 +17,15 @@ class InputRole:
     kind: str  # "image": colour or grey, matched to the image's channels; "mask": one plane
     size_of: str  # whose size it must have: "image" (the observation) or "output"
     folder_suffix: str  # `dippipe manifest`: NAME<suffix>.* beside NAME.*
-    meaning: str
+    meaning: str  # a few words, shown in errors: "inpaint needs a mask (<meaning>)"
 
 
 IMAGE = InputRole("image", "image", "image", "", "the degraded image to restore")
 INPUT_ROLES: tuple[InputRole, ...] = (
     IMAGE,
-    InputRole("mask", "mask", "image", "_mask", "inpainting mask, non-zero = known pixel"),
-    InputRole("guide", "image", "image", "_flash", "the flash image of a flash/no-flash pair"),
+    InputRole("mask", "mask", "image", "_mask", "non-zero = known pixel"),
+    InputRole("guide", "image", "image", "_flash", "the flash image"),
     InputRole("reference", "image", "output", "_ref", "the clean image, for PSNR only"),
 )
 # Roles other than the image itself: what a task may require and restore() takes by keyword.
 COMPANION_ROLES: tuple[InputRole, ...] = tuple(r for r in INPUT_ROLES if r is not IMAGE)
-ROLE_NAMES: tuple[str, ...] = tuple(r.name for r in INPUT_ROLES)

@@ -40,7 +40,10 @@ class Task:
         if self.scales and scale not in self.scales:
             raise DipInputError(f"{self.name} needs scale in {list(self.scales)}, got {scale!r}")
         if not self.scales and scale is not None:
-            raise DipInputError(f"task {self.name!r} takes no scale, got {scale!r}")
+            from . import TASKS  # the registry, to name the tasks that do take a scale
+
+            scaled = " / ".join(name for name, task in TASKS.items() if task.scales)
+            raise DipInputError(f"scale applies only to {scaled}, not to {self.name!r}")
 
     def output_scale(self, scale: int | None) -> int:
         """How many times larger than the image the result is, per side."""

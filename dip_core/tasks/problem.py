@@ -76,11 +76,7 @@ def as_image(t: torch.Tensor, name: str) -> torch.Tensor:
 
 def _companion(role: InputRole, value: torch.Tensor) -> torch.Tensor:
     image = as_image(value, role.name)
-    if role.kind == "mask":  # one plane, 1 = known pixel
-        image = (image[:1] > 0.5).float()
-        if not image.any():
-            raise DipInputError(f"{role.name} has no known pixel: nothing to fit")
-    return image
+    return (image[:1] > 0.5).float() if role.kind == "mask" else image  # mask: 1 = known
 
 
 def check_inputs(
@@ -108,6 +104,8 @@ def check_inputs(
         hw = tuple(observation.shape[-2:])
         if role.size_of == "image" and tuple(image.shape[-2:]) != hw:
             raise DipInputError(f"{name} is {tuple(image.shape[-2:])} but the image is {hw} (H, W)")
+        if role.kind == "mask" and not image.any():
+            raise DipInputError(f"{name} has no known pixel: nothing to fit")
     return inputs
 
 

@@ -48,6 +48,18 @@ def test_every_registered_task_is_covered_here():
     assert sorted(TASKS) == sorted(REGISTERED)
 
 
+def test_the_registry_is_consistent():
+    """Unique preset names (PRESETS merges every task's), known roles, a preset each."""
+    from dip_core import COMPANION_ROLES
+
+    names = [name for task in REGISTERED.values() for name in task.presets]
+    assert len(names) == len(set(names)) == len(PRESETS)
+    roles = {role.name for role in COMPANION_ROLES}
+    for name, task in REGISTERED.items():
+        assert task.name == name and task.presets, name
+        assert set(task.required_roles) <= roles, name
+
+
 @pytest.mark.parametrize("task", TASKS)
 def test_energy_is_zero_at_the_true_image_and_shapes_fit(task):
     kwargs, target = job(task)
@@ -99,7 +111,7 @@ def test_unknown_task_and_bad_scale():
         check_params("dehaze", None)
     with pytest.raises(DipInputError, match="scale"):
         check_params("super_resolution", None, scale=3)
-    with pytest.raises(DipInputError, match="takes no scale"):
+    with pytest.raises(DipInputError, match="scale applies only to super_resolution, not to"):
         check_params("denoise", None, scale=2)
 
 
