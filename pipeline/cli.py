@@ -173,7 +173,7 @@ def run_command(
         out=out,
         storage=storage_options,
         device=device,
-        threads=threads or max(1, int(cpus_per_worker)),
+        threads=threads,
         sync_every=max(1, sync_every),
         fake_fit_seconds=fake_fit_seconds,
         param_defaults=defaults,

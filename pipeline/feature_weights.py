@@ -70,12 +70,8 @@ class FeatureNets:
         self.read_bytes = read_bytes  # storage access for URIs (dip_core does no I/O)
         self.loaded: dict[tuple[str | None, int], nn.Module] = {}
 
-    def get(self, params: dict | None) -> nn.Module:
-        from dip_core import PRESETS
-
-        params = params or {}
-        uri = params.get("feature_weights")
-        layer = params.get("feature_layer", PRESETS["preimage"].feature_layer)
+    def get(self, uri: str | None, layer: int) -> nn.Module:
+        """The network ``uri`` holds (None: the bundled default), cut after ``layer``."""
         key = (uri, layer)
         if key not in self.loaded:
             self.loaded[key] = self._load(uri, layer)

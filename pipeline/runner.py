@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from importlib import metadata
 
@@ -213,7 +213,10 @@ def _schedule(config, storage, info, finished, summary, console, run_json) -> No
         writer.tick()
         view.update(summary, running, live_steps)
 
-    scheduler = Scheduler(pool, config.worker, storage, on_outcome, on_tick, config.max_attempts)
+    worker = config.worker
+    if worker.threads is None:  # the CPUs each worker reserves, as torch threads
+        worker = replace(worker, threads=max(1, int(config.cpus_per_worker)))
+    scheduler = Scheduler(pool, worker, storage, on_outcome, on_tick, config.max_attempts)
     started = time.monotonic()
     previous = signal.getsignal(signal.SIGTERM)
     _install_sigterm()

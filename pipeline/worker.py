@@ -73,7 +73,9 @@ class WorkerConfig:
     out: str
     storage: StorageOptions = field(default_factory=StorageOptions)
     device: str | None = None  # None: CUDA when this process sees a GPU, else CPU
-    threads: int = 1  # torch CPU threads; 1 keeps small shared machines steady
+    # torch CPU threads; None: one per CPU the worker reserves (RunConfig.cpus_per_worker),
+    # or 1 for a Fitter made directly (1 keeps small shared machines steady)
+    threads: int | None = None
     sync_every: int = 50  # steps between progress reports (each one syncs the GPU)
     fake_fit_seconds: float | None = None  # benchmark only: sleep instead of fitting
     # Run-wide params (e.g. from --stop / --ensemble); a job's own params override them.
@@ -111,7 +113,7 @@ class Fitter:
         self._shipped: dict[str, bytes] = {}
         self.progress: dict[str, Any] = {}
         self.step_listeners: list[StepListener] = []
-        torch.set_num_threads(max(1, config.threads))
+        torch.set_num_threads(max(1, config.threads or 1))
         _run_worker_hook(self)
 
     def run(self, job: Job, attempt: int = 1, payload: dict | None = None) -> JobOutcome:
@@ -140,7 +142,11 @@ class Fitter:
         if self.config.fake_fit_seconds is not None:
             return self._fake(job, inputs)
         params = {**self.config.param_defaults, **(job.parsed_params() or {})} or None
-        needs_feature_net = get_task(job.task).needs_feature_net
+        task = get_task(job.task)
+        feature_net = None
+        if task.needs_feature_net:  # the preset says which layer; params may name the weights
+            layer = task.resolve_preset(params, job.scale).feature_layer
+            feature_net = self.feature_nets.get((params or {}).get("feature_weights"), layer)
         plan = plan_restore(
             job.task,
             torch.from_numpy(inputs.observation.pixels),
@@ -148,7 +154,7 @@ class Fitter:
             iterations=job.iterations,
             seed=job.seed,
             params=params,
-            feature_net=self.feature_nets.get(params) if needs_feature_net else None,
+            feature_net=feature_net,
             sync_every=self.config.sync_every,
             **{role: torch.from_numpy(pixels) for role, pixels in inputs.companions.items()},
         )

@@ -57,6 +57,15 @@ def test_inpaint_and_flash_jobs_use_their_companion_files(fitter, tmp_path):
     assert fitter.run(flash).row["status"] == "ok"
 
 
+def test_deblur_jobs_take_their_kernel_from_params(fitter, tmp_path):
+    image = write_png(tmp_path / "in.png", tiny_image(5))
+    params = '{"channels": 8, "depth": 3, "input_depth": 8, "motion_length": 5}'
+    row = fitter.run(_job(image, task="deblur", params=params)).row
+    assert row["status"] == "ok", row
+    row = fitter.run(_job(image, id="no-kernel", task="deblur")).row
+    assert row["status"] == "failed" and "deblur needs params.blur_sigma" in row["error"]
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
