@@ -9,7 +9,7 @@ the fitting loop) is generic and lives in problem.py and the modules below dip_c
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
@@ -23,6 +23,19 @@ from ..params import apply_params
 from ..presets import Preset
 
 Inputs = dict[str, torch.Tensor]  # companion inputs by role name (roles.py), checked
+Measurement = tuple[nn.Module, nn.Module, torch.Tensor]  # (operator A, energy E, data y)
+
+
+@dataclass(frozen=True)
+class Observed:
+    """One checked job, as a task's physics sees it."""
+
+    preset: Preset
+    params: dict  # checked by Task.resolve_preset
+    image: torch.Tensor  # the observation, (1, C, H, W)
+    inputs: Inputs
+    output_hw: tuple[int, int]
+    feature_net: nn.Module | None = None
 
 
 class Task:
@@ -78,19 +91,10 @@ class Task:
         """The image fed to the network when the preset's input is an image."""
         return None
 
-    def measurement(
-        self,
-        preset: Preset,
-        params: dict,
-        observation: torch.Tensor,
-        inputs: Inputs,
-        output_hw: tuple[int, int],
-        feature_net: nn.Module | None,
-    ) -> tuple[nn.Module, nn.Module, torch.Tensor]:
-        """(operator A, energy E, data y): the fit minimises E(A(x), y). The observation is
-        (1, C, H, W); A takes an output-sized image; ``params`` have been checked by
-        ``resolve_preset``. Default: x is compared with the image."""
-        return Identity(), MeanSquaredError(), observation
+    def measurement(self, job: Observed) -> Measurement:
+        """(operator A, energy E, data y): the fit minimises E(A(x), y), A taking an
+        output-sized image. Default: x is compared with the image itself."""
+        return Identity(), MeanSquaredError(), job.image
 
     def energy_floor(self, observation: torch.Tensor) -> float | None:
         """The energy of a fit that has reached the noise level, where the task knows it

@@ -19,8 +19,7 @@ from torch import nn
 from ..energies import MeanSquaredError
 from ..errors import DipInputError
 from ..params import number
-from ..presets import Preset
-from .base import Inputs, Task
+from .base import Measurement, Observed, Task
 from .denoise import Denoise
 
 MAX_BLUR_PIXELS = 64.0  # a kernel wider than this is a different problem than deblurring
@@ -42,16 +41,8 @@ class Deblur(Task):
         blur_kernel(params)  # refuses a missing or bad kernel before any fit
         return {}
 
-    def measurement(
-        self,
-        preset: Preset,
-        params: dict,
-        observation: torch.Tensor,
-        inputs: Inputs,
-        output_hw: tuple[int, int],
-        feature_net: nn.Module | None,
-    ) -> tuple[nn.Module, nn.Module, torch.Tensor]:
-        return Blur(blur_kernel(params)), MeanSquaredError(), observation
+    def measurement(self, job: Observed) -> Measurement:
+        return Blur(blur_kernel(job.params)), MeanSquaredError(), job.image
 
 
 def blur_kernel(params: dict) -> torch.Tensor:

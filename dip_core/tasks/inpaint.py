@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..energies import MaskedMeanSquaredError
 from ..operators import Identity
 from ..params import choice
 from ..presets import DENOISE_NET, NEAREST_128, Preset, levels
-from .base import Inputs, Task
+from .base import Inputs, Measurement, Observed, Task
 
 VARIANTS = ("text", "region", "large_hole", "pixels")
 
@@ -43,10 +42,8 @@ class Inpaint(Task):
             variant = classify_mask(mask) if mask is not None else "text"
         return f"inpaint_{variant}"
 
-    def measurement(
-        self, preset, params, observation, inputs, output_hw, feature_net
-    ) -> tuple[nn.Module, nn.Module, torch.Tensor]:
-        return Identity(), MaskedMeanSquaredError(inputs["mask"]), observation
+    def measurement(self, job: Observed) -> Measurement:
+        return Identity(), MaskedMeanSquaredError(job.inputs["mask"]), job.image
 
 
 def classify_mask(mask: torch.Tensor) -> str:

@@ -5,14 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 from ..energies import MeanSquaredError
 from ..errors import DipInputError
 from ..operators import FeatureMap
 from ..params import integer
 from ..presets import Preset, levels
-from .base import Inputs, Task
+from .base import Measurement, Observed, Task
 
 
 class Preimage(Task):
@@ -37,17 +36,9 @@ class Preimage(Task):
             return {"feature_layer": integer(params["feature_layer"], "feature_layer", 1, 19)}
         return {}
 
-    def measurement(
-        self,
-        preset: Preset,
-        params: dict,
-        observation: torch.Tensor,
-        inputs: Inputs,
-        output_hw: tuple[int, int],
-        feature_net: nn.Module | None,
-    ) -> tuple[nn.Module, nn.Module, torch.Tensor]:
-        if feature_net is None:
+    def measurement(self, job: Observed) -> Measurement:
+        if job.feature_net is None:
             raise DipInputError("preimage needs a feature network (feature_net)")
-        phi = FeatureMap(feature_net)
+        phi = FeatureMap(job.feature_net)
         with torch.no_grad():
-            return phi, MeanSquaredError(), phi(observation)
+            return phi, MeanSquaredError(), phi(job.image)

@@ -13,7 +13,7 @@ from ..networks import SkipSpec
 from ..padding import Placement
 from ..presets import Preset
 from ..roles import COMPANION_ROLES, InputRole
-from .base import Inputs, Task
+from .base import Inputs, Observed, Task
 
 
 @dataclass
@@ -146,14 +146,10 @@ def problem_for(
     spec = network_spec(preset, channels, preset.input_depth if image is None else image.shape[0])
     placement = Placement.for_target(height * factor, width * factor, spec.minimum_side(),
                                      2**spec.depth)  # fmt: skip
-    operator, energy, data = task.measurement(
-        preset,
-        params or {},
-        observation.unsqueeze(0),
-        inputs,
-        (height * factor, width * factor),
-        feature_net,
-    )
+    output_hw = (height * factor, width * factor)
+    observed = Observed(preset, params or {}, observation.unsqueeze(0), inputs, output_hw,
+                        feature_net)  # fmt: skip
+    operator, energy, data = task.measurement(observed)
     reference = inputs.get("reference")
     return Problem(
         task.name, preset, spec, placement, operator, energy, data.detach(),

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-from torch import nn
-
 from ..energies import MeanSquaredError
 from ..operators import DOWNSAMPLERS, Downsampler
 from ..params import choice
 from ..presets import DENOISE_NET, Preset
-from .base import Inputs, Task
+from .base import Measurement, Observed, Task
 
 
 class SuperResolution(Task):
@@ -41,15 +38,7 @@ class SuperResolution(Task):
             return {"downsampler": choice(params, "downsampler", DOWNSAMPLERS)}
         return {}
 
-    def measurement(
-        self,
-        preset: Preset,
-        params: dict,
-        observation: torch.Tensor,
-        inputs: Inputs,
-        output_hw: tuple[int, int],
-        feature_net: nn.Module | None,
-    ) -> tuple[nn.Module, nn.Module, torch.Tensor]:
-        factor = output_hw[0] // observation.shape[-2]
-        down = Downsampler(*output_hw, factor=factor, kind=preset.downsampler)
-        return down, MeanSquaredError(), observation
+    def measurement(self, job: Observed) -> Measurement:
+        factor = job.output_hw[0] // job.image.shape[-2]
+        down = Downsampler(*job.output_hw, factor=factor, kind=job.preset.downsampler)
+        return down, MeanSquaredError(), job.image
