@@ -84,12 +84,24 @@ def test_copies_every_package_and_only_allow_listed_files():
     sources = {src for i in _all("COPY") for src in i.value[:-1]}
     assert sources <= allowed, f"copied but excluded by .dockerignore: {sources - allowed}"
     assert all((REPO / src).exists() for src in sources), sources
-    # Top-level packages (their subpackages travel with their folders).
-    packages = {
-        p.rstrip("*") for p in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]
-    }
+    include = PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = {p for p in include if "*" not in p}  # subpackages travel in their folders
+    assert packages == {"dip_core", "pipeline"}
     assert packages <= sources, f"packages not copied into the image: {packages - sources}"
     assert PYPROJECT["project"]["readme"] in sources  # setuptools reads it while installing
+
+
+def test_the_package_list_finds_every_subpackage():
+    from setuptools import find_packages
+
+    include = PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]
+    found = set(find_packages(where=str(REPO), include=include))
+    on_disk = {
+        ".".join(path.parent.relative_to(REPO).parts)
+        for top in ("dip_core", "pipeline")
+        for path in (REPO / top).rglob("__init__.py")
+    }
+    assert found == on_disk and {"dip_core.tasks", "pipeline.report"} <= found
 
 
 def test_bakes_in_no_credentials():
