@@ -131,7 +131,11 @@ def _plant(out: Path, **changes) -> LockInfo:
     }
     info = LockInfo(**{**values, **changes})
     out.mkdir(parents=True, exist_ok=True)
-    (out / ".lock").write_bytes(info.encode())
+    # Atomically, as every writer of the lock does (storage.py): a heartbeat reading a
+    # half-written file would rightly see "an unreadable lock", not the planted run.
+    staged = out / ".lock.planting"
+    staged.write_bytes(info.encode())
+    os.replace(staged, out / ".lock")
     return info
 
 
