@@ -101,7 +101,7 @@ def budget_steps(preset, budget: str, args) -> int:
 
 def evaluate(case: Case, args, budget: str) -> Row:
     params = {**args.params, **(case.params or {})}
-    preset = resolve_preset(case.task, params, case.scale, case.mask)
+    preset = resolve_preset(case.task, params, case.scale, mask=case.mask)
     iterations = budget_steps(preset, budget, args)
     results = [run_seed(case, params, iterations, s, args) for s in range(args.seeds)]
     fixed = [metric(case, r.image) for r in results]

@@ -45,11 +45,12 @@ def get_task(name: object) -> Task:
 
 
 def resolve_preset(
-    task: str, params: dict | None, scale: int | None = None, mask: torch.Tensor | None = None
+    task: str, params: dict | None, scale: int | None = None, **inputs: torch.Tensor | None
 ) -> Preset:
-    """The preset a job runs with: its task's, with params applied (a mask, when given,
-    picks the inpainting variant)."""
-    return get_task(task).resolve_preset(params, scale, {} if mask is None else {"mask": mask})
+    """The preset a job runs with: its task's, with params applied. ``inputs``, companion
+    images by role, may choose the variant (inpainting's mask)."""
+    given = {role: image for role, image in inputs.items() if image is not None}
+    return get_task(task).resolve_preset(params, scale, given)
 
 
 def check_params(task: str, params: dict | None, scale: int | None = None) -> None:
