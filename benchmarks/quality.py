@@ -86,11 +86,11 @@ def run_seed(case: Case, params: dict, iterations: int, seed: int, args):
         reference=case.reference, iterations=iterations, seed=seed, params=params,
         feature_net=case.feature_net, sync_every=100,
     )  # fmt: skip
-    config, preset = plan.configs[0], plan.problem.preset
+    (problem, config), preset = plan.fits[0], plan.problem.preset
     rule = config.stop or StopRule.for_averaging(
         preset.stop_window, preset.stop_patience, preset.exp_weight
     )
-    return fit(plan.problem, replace(config, stop=rule, stop_enforced=False), device=args.device)
+    return fit(problem, replace(config, stop=rule, stop_enforced=False), device=args.device)
 
 
 def budget_steps(preset, budget: str, args) -> int:

@@ -2,14 +2,14 @@
 
 ``restore(task, observation, ...)`` is the one-call entry point. A batch system uses the
 public batch API below and nothing deeper: ``plan_restore`` validates a job and plans its
-fits, ``run_plan`` fits and combines them (with its own fitting function, e.g. packing fits
-of several jobs through ``PackedRunner``), ``TASKS`` and ``INPUT_ROLES`` say what each task
-needs. The modules are the pieces (networks, inputs, operators, energies, presets, tasks,
-the fitting loop, metrics).
+fits (``Tiling``: a large image in overlapping tiles), ``run_plan`` fits and combines them
+(with its own fitting function, e.g. packing fits of several jobs through ``PackedRunner``),
+``TASKS`` and ``INPUT_ROLES`` say what each task needs. The modules are the pieces
+(networks, inputs, operators, energies, presets, tasks, the fitting loop, tiling, metrics).
 """
 
 from .api import RestorePlan, plan_restore, restore, run_plan
-from .engine import EngineOptions, slots_that_fit
+from .engine import EngineOptions, fit_bytes, slots_that_fit
 from .errors import DipInputError
 from .feature_nets import mobilenet_v2_features
 from .fit import FitConfig, FitItem, FitProgress, FitResult, PackedRunner, fit, resolve_device
@@ -18,6 +18,7 @@ from .networks import SkipSpec, build_network
 from .presets import Preset
 from .roles import COMPANION_ROLES, INPUT_ROLES, InputRole
 from .tasks import PRESETS, TASKS, Task, build_problem, check_params, get_task, resolve_preset
+from .tiling import Tiling
 
 __all__ = [
     "COMPANION_ROLES",
@@ -36,10 +37,12 @@ __all__ = [
     "RestorePlan",
     "SkipSpec",
     "Task",
+    "Tiling",
     "build_network",
     "build_problem",
     "check_params",
     "fit",
+    "fit_bytes",
     "get_task",
     "mobilenet_v2_features",
     "plan_restore",

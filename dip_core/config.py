@@ -88,3 +88,4 @@ class FitResult:
     # Where the stopping rule chose to stop, enforced or not: (step count of the image it
     # returns, steps run when it fired); None when it did not fire or there was no rule.
     stop_decision: tuple[int, int] | None = None
+    tiles: int = 1  # fits of the image's parts blended into this result (tiling.py); 1: whole

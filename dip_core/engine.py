@@ -12,6 +12,7 @@ refilled in place with a fresh network.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from dataclasses import dataclass
 
@@ -221,9 +222,20 @@ def activation_bytes(spec: SkipSpec, height: int, width: int, bytes_per_value: i
     return 2 * values * bytes_per_value  # activations + their gradients
 
 
+def fit_bytes(spec: SkipSpec, height: int, width: int) -> int:
+    """A rough upper estimate of one fit's memory at a padded size: its activations
+    (``activation_bytes``) plus its weights, their gradient and two Adam moments. The one
+    estimate packing (``slots_that_fit``) and tiling (tiling.py) both use."""
+    return activation_bytes(spec, height, width) + 16 * weight_count(spec)
+
+
+@functools.lru_cache(maxsize=64)
+def weight_count(spec: SkipSpec) -> int:
+    """The number of weights of a network of this spec (built once per spec)."""
+    return sum(p.numel() for p in build_network(spec).parameters())
+
+
 def slots_that_fit(spec: SkipSpec, height: int, width: int, free_bytes: int, limit: int) -> int:
     """How many packed fits of this bucket fit in ``free_bytes`` (keeping 30% spare)."""
-    per_fit = activation_bytes(spec, height, width) + 16 * sum(
-        p.numel() for p in build_network(spec).parameters()
-    )  # weights, their gradient and two Adam moments
+    per_fit = fit_bytes(spec, height, width)
     return max(1, min(limit, int(0.7 * free_bytes // max(per_fit, 1))))

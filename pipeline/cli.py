@@ -20,7 +20,7 @@ from rich.logging import RichHandler
 
 from pipeline.errors import DippipeError
 from pipeline.folder import FolderSpec, build_from_folder
-from pipeline.images import DEFAULT_MAX_PIXELS
+from pipeline.images import DEFAULT_MAX_PIXELS, OUTPUT_FORMATS
 from pipeline.lock import DEFAULT_STALE_SECONDS
 from pipeline.manifest import ManifestError
 from pipeline.progress import errors_table, summary_table
@@ -36,6 +36,7 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console(stderr=True, soft_wrap=True)  # whole lines: logs stay greppable
+MIN_TILE = 32  # a smaller tile has more margin than content
 
 MaxPixels = Annotated[
     int,
@@ -141,6 +142,14 @@ def run_command(
             max=64,
         ),
     ] = 0,
+    lookahead: Annotated[
+        int,
+        typer.Option(
+            help="Jobs per lane read ahead so workers that pack get jobs of the size they "
+            "are packing (with --fits-per-gpu > 1); 0 = manifest order.",
+            min=0,
+        ),
+    ] = RunConfig.lookahead,
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
     io_retries: Annotated[
         int | None,
@@ -156,15 +165,46 @@ def run_command(
     stale_lock_seconds: Annotated[
         float, typer.Option(help="Take over OUT's lock after this long without a heartbeat.")
     ] = DEFAULT_STALE_SECONDS,
+    output_format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="Restored images as 'png', 'tiff', or 'same' (TIFF for a TIFF input, "
+            "else PNG); at the input's bit depth, with its colour profile and metadata.",
+        ),
+    ] = "same",
+    tile: Annotated[
+        int,
+        typer.Option(
+            help="Edge, in input pixels, of the overlapping tiles a large image is fitted "
+            "in; 0 = never tile.",
+            min=0,
+        ),
+    ] = WorkerConfig.tile_size,
+    tile_above: Annotated[
+        int | None,
+        typer.Option(
+            help="Tile every image with more pixels than this (default: only images whose "
+            "fit would not fit the device's memory).",
+            min=1,
+        ),
+    ] = None,
     fake_fit_seconds: Annotated[float | None, typer.Option(hidden=True)] = None,
 ) -> None:
-    """Run every job of MANIFEST; results, traces and PNGs go to OUT. Reruns resume.
+    """Run every job of MANIFEST; results, traces and images go to OUT. Reruns resume.
 
     --stop and --ensemble apply to every job whose own params do not set them.
     """
     _setup_logging(quiet)
     if stop not in (None, "auto", "fixed"):
         console.print(f"[red]--stop must be 'auto' or 'fixed', got {stop!r}[/]")
+        raise typer.Exit(2)
+    if 0 < tile < MIN_TILE:
+        console.print(f"[red]--tile must be 0 (never tile) or at least {MIN_TILE} pixels[/]")
+        raise typer.Exit(2)
+    if output_format not in OUTPUT_FORMATS:
+        console.print(f"[red]--format must be one of {', '.join(OUTPUT_FORMATS)}, got "
+                      f"{for_console(output_format)}[/]")  # fmt: skip
         raise typer.Exit(2)
     defaults = {k: v for k, v in (("stop", stop), ("ensemble", ensemble)) if v is not None}
     if io_retries is not None:  # --io-retries wins over $DIPPIPE_IO_RETRIES
@@ -179,6 +219,9 @@ def run_command(
         param_defaults=defaults,
         fits_per_gpu=fits_per_gpu,
         max_pixels=max_pixels,
+        output_format=output_format,
+        tile_size=tile,
+        tile_above=tile_above,
     )
     config = RunConfig(
         manifest=manifest,
@@ -194,6 +237,7 @@ def run_command(
         show_progress=progress,
         force_unlock=force_unlock,
         stale_lock_seconds=stale_lock_seconds,
+        lookahead=lookahead,
     )
     try:
         summary = run(config, console)

@@ -2,7 +2,7 @@
 
 Layout::
 
-    OUT/images/<shard>/<id>.png      shard = first two hex digits of sha256(id): 256 folders
+    OUT/images/<shard>/<id>.<png|tif>   shard = first two hex digits of sha256(id): 256 folders
     OUT/results/part-<run>-<n>.parquet   RESULT_SCHEMA, one row per finished job
     OUT/traces/part-<run>-<n>.parquet    TRACE_SCHEMA, one row per recorded step (ok jobs)
     OUT/run.json
@@ -54,6 +54,14 @@ RESULT_SCHEMA = pa.schema(
         pa.field("worker", pa.string()),
         pa.field("node", pa.string()),
         pa.field("finished_at", pa.timestamp("ms", tz="UTC")),
+        # What happened to the user's data on the way (image rotated upright, colours
+        # converted with the embedded profile, metadata the output format cannot hold),
+        # "; "-separated; null when nothing did. Never dropped silently.
+        pa.field("notes", pa.string()),
+        pa.field("tiles", pa.int32()),  # fits the image was cut into (1: fitted whole)
+        # The worker process's peak resident memory so far, in bytes (sizes pods and
+        # machines: it bounds what its jobs needed); null where the OS does not say.
+        pa.field("peak_rss", pa.int64()),
     ]
 )
 TRACE_SCHEMA = pa.schema(
@@ -74,12 +82,18 @@ def shard_of(job_id: str) -> str:
     return hashlib.sha256(job_id.encode()).hexdigest()[:2]
 
 
-def image_uri(out: str, job_id: str) -> str:
-    """Where a job's PNG goes. The id rule is checked again here, where an id becomes a path,
-    so no caller can write outside OUT/images whatever it skipped."""
+IMAGE_EXTENSIONS = ("png", "tif")
+
+
+def image_uri(out: str, job_id: str, extension: str = "png") -> str:
+    """Where a job's image goes (``extension``: "png" or "tif"). The id rule is checked
+    again here, where an id becomes a path, so no caller can write outside OUT/images
+    whatever it skipped."""
     if not is_safe_id(job_id):
         raise ValueError(f"unsafe job id {job_id!a}: not used as a file name")
-    return join(out, "images", shard_of(job_id), f"{job_id}.png")
+    if extension not in IMAGE_EXTENSIONS:
+        raise ValueError(f"unknown image extension {extension!r}; expected {IMAGE_EXTENSIONS}")
+    return join(out, "images", shard_of(job_id), f"{job_id}.{extension}")
 
 
 @dataclass

@@ -6,6 +6,11 @@ shared :class:`PackedFitService`, whose single thread steps ``dip_core``'s Packe
 every step advances all packed fits in one vmapped network, and a fit that ends frees its
 slot for the next one. When a step itself fails (e.g. out of memory), every fit in the pack
 fails with that error and the pack is rebuilt; other jobs are not affected.
+
+Occupancy: each step counts the fits it advanced and the slots its pack has (``stats()``);
+the run reports their ratio summed over all steps and workers (``summarize``, run.json's
+``packing``). Fits of other buckets only join once the pack drains, so a mixed-size stream fed
+in manifest order keeps packs part empty; the scheduler's look-ahead (lookahead.py) fixes that.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import threading
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -48,6 +54,9 @@ class PackedFitService:
         self.runner = PackedRunner(config.lanes, device, slots_for=_memory_limited_slots(device))
         self.inbox: queue.Queue[FitItem] = queue.Queue()
         self.waiting: deque[FitItem] = deque()
+        self.steps = 0  # steps that advanced at least one fit
+        self.fit_steps = 0  # fits advanced, summed over those steps
+        self.slot_steps = 0  # slots of the pack, summed over those steps
         self.thread = threading.Thread(target=self._loop, name="packed-fits", daemon=True)
         self.thread.start()
 
@@ -73,11 +82,29 @@ class PackedFitService:
             except Exception as error:  # this item could not join a pack: it alone fails
                 self.waiting.popleft().tag.set_exception(error)
                 continue
+            self._count_step()
             try:
                 self._deliver(self.runner.step())
             except Exception as error:  # the pack's step failed: fail its fits, go on
                 for future in self.runner.abandon():
                     future.set_exception(error)
+
+    def _count_step(self) -> None:
+        pack = self.runner.pack
+        if pack is None or not self.runner.busy:
+            return
+        self.fit_steps += len(pack.active)
+        self.slot_steps += len(pack.slots)
+        self.steps += 1
+
+    def stats(self) -> dict[str, Any]:
+        """Steps run so far, fits and slots summed over them, and the lanes (see summarize)."""
+        return {
+            "steps": self.steps,
+            "fit_steps": self.fit_steps,
+            "slot_steps": self.slot_steps,
+            "lanes": self.runner.max_slots,
+        }
 
     def _admit(self) -> None:
         while self.waiting:
@@ -91,3 +118,22 @@ class PackedFitService:
     def _deliver(finished: list[tuple[Future, FitResult]]) -> None:
         for future, result in finished:
             future.set_result(result)
+
+
+def summarize(stats: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """run.json's ``packing`` from the workers' ``stats()``: ``mean_occupancy``, the share of
+    pack slots that held a fit, over every step of every worker (1.0: packs always full;
+    a pack capped by GPU memory counts its own slots, not the lanes); ``mean_fits``, fits
+    per step; ``steps``; ``workers`` that reported. None when no worker packs."""
+    if not stats:
+        return None
+    steps = sum(s["steps"] for s in stats)
+    fits = sum(s["fit_steps"] for s in stats)
+    slots = sum(s["slot_steps"] for s in stats)
+    return {
+        "mean_occupancy": round(fits / slots, 4) if slots else None,
+        "mean_fits": round(fits / steps, 4) if steps else None,
+        "steps": steps,
+        "workers": len(stats),
+        "lanes": max(s["lanes"] for s in stats),
+    }

@@ -30,6 +30,7 @@ from rich.console import Console
 
 from pipeline.errors import DippipeError
 from pipeline.lock import DEFAULT_STALE_SECONDS, OutLock
+from pipeline.lookahead import DEFAULT_DEPTH
 from pipeline.manifest import Job, ManifestInfo, inspect_manifest, iter_batches, job_from_row
 from pipeline.outputs import (
     JobOutcome,
@@ -44,7 +45,10 @@ from pipeline.storage import Storage, StorageOptions, join
 from pipeline.worker import WorkerConfig
 
 log = logging.getLogger("dippipe")
-VERSIONED = ("dippipe", "torch", "ray", "pyarrow", "fsspec", "s3fs", "pillow", "numpy", "pypng")
+VERSIONED = (
+    *("dippipe", "torch", "ray", "pyarrow", "fsspec", "s3fs", "pillow", "numpy"),
+    *("tifffile", "imagecodecs"),
+)
 
 
 class RunError(DippipeError, RuntimeError):
@@ -70,6 +74,10 @@ class RunConfig:
     force_unlock: bool = False  # take OUT's lock even from a run that looks alive
     stale_lock_seconds: float = DEFAULT_STALE_SECONDS  # a lock this long without heartbeat is
     # taken over (lock.py)
+    # Size-aware feeding of workers that pack (lookahead.py): jobs buffered per lane, 0 = off
+    # (manifest order); passes before the oldest buffered job is taken (None: buffer size).
+    lookahead: int = DEFAULT_DEPTH
+    lookahead_passes: int | None = None
 
     @property
     def out(self) -> str:
@@ -216,7 +224,16 @@ def _schedule(config, storage, info, finished, summary, console, run_json) -> No
     worker = config.worker
     if worker.threads is None:  # the CPUs each worker reserves, as torch threads
         worker = replace(worker, threads=max(1, int(config.cpus_per_worker)))
-    scheduler = Scheduler(pool, worker, storage, on_outcome, on_tick, config.max_attempts)
+    scheduler = Scheduler(
+        pool,
+        worker,
+        storage,
+        on_outcome,
+        on_tick,
+        config.max_attempts,
+        lookahead=max(0, config.lookahead),
+        lookahead_passes=config.lookahead_passes,
+    )
     started = time.monotonic()
     previous = signal.getsignal(signal.SIGTERM)
     _install_sigterm()
@@ -235,6 +252,7 @@ def _schedule(config, storage, info, finished, summary, console, run_json) -> No
         finally:
             summary.worker_deaths = scheduler.deaths
             summary.seconds = time.monotonic() - started
+            run_json.packing = scheduler.packing_report()  # never raises
             scheduler.stop()
             _restore_sigterm(previous)
 
@@ -251,12 +269,20 @@ def _restore_sigterm(previous) -> None:
 
 
 class _RunRecord:
-    """OUT/run.json: configuration, versions, workers and counts. Never credentials."""
+    """OUT/run.json: configuration, versions, workers and counts. Never credentials.
+
+    ``packing`` (null when no worker packs fits, e.g. one lane each): ``mean_occupancy``, the
+    share of pack slots that held a fit over every packed step of every worker (1.0 = packs
+    always full), ``mean_fits`` per step, ``steps``, ``workers``, ``lanes``, and
+    ``lookahead`` (null when off): buffer size, fairness bound, picks, matched picks, picks
+    forced by the fairness bound, header reads, unknown keys, mean seconds per header read.
+    Gathered when the scheduling ends (packing.summarize, lookahead.py)."""
 
     def __init__(self, storage: Storage, config: RunConfig) -> None:
         self.storage, self.config = storage, config
         self.started = datetime.now(timezone.utc).isoformat()
         self.workers: list[dict] = []
+        self.packing: dict | None = None
 
     def write(self, summary: RunSummary, finished: bool = False) -> None:
         record = {
@@ -268,6 +294,7 @@ class _RunRecord:
             "config": _recorded_config(self.config),
             "workers": self.workers,
             "summary": summary.as_dict(),
+            "packing": self.packing,
         }
         data = json.dumps(record, indent=2, default=str).encode()
         self.storage.write_bytes(join(self.config.out, "run.json"), data)

@@ -24,7 +24,7 @@ from pipeline.manifest import (
     output_size,
 )
 from pipeline.retry import describe
-from pipeline.storage import Storage
+from pipeline.storage import HEADER_BYTES, Storage
 
 MAX_JOB_PROBLEMS = 1000  # kept in the report; the count goes on
 
@@ -112,10 +112,14 @@ def _size_of(
     storage: Storage, uri: str, role: str, max_pixels: int | None
 ) -> tuple[tuple[int, int], str | None]:
     try:
-        head = storage.read_head(uri)
+        head = storage.read_head(uri, HEADER_BYTES)
         try:
-            size = image_size(head)
-        except ImageDecodeError:  # a header longer than the first bytes (big EXIF): read all
+            size = image_size(head)  # displayed (upright) size, as the run will see it
+        except ImageDecodeError:
+            if len(head) < HEADER_BYTES:  # that was the whole file: it is unreadable
+                raise
+            # A header longer than the first bytes (a big EXIF or ICC block, a TIFF whose
+            # IFD is at its end, a multi-page TIFF's later IFDs): read the whole file.
             size = image_size(storage.read_bytes(uri))
         check_pixels(size, max_pixels)
         return size, None

@@ -1,4 +1,4 @@
-"""One job in, one result out: load the inputs, plan and fit them (``dip_core``), write the PNG.
+"""One job in, one result out: load the inputs, plan and fit them (``dip_core``), write the image.
 
 No Ray here, so a :class:`Fitter` runs and tests in-process; scheduler.py wraps it in an actor.
 Every exception raised by one job becomes that job's ``failed`` row with a message for users;
@@ -22,6 +22,8 @@ import importlib
 import logging
 import os
 import socket
+import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -38,6 +40,7 @@ from dip_core import (
     FitProgress,
     FitResult,
     RestorePlan,
+    Tiling,
     fit,
     get_task,
     plan_restore,
@@ -51,7 +54,8 @@ from pipeline.images import (
     DecodedImage,
     ImageDecodeError,
     decode_image,
-    encode_png,
+    encode_image,
+    output_format,
     resize_plane,
 )
 from pipeline.manifest import Job, job_problems, output_size
@@ -82,12 +86,19 @@ class WorkerConfig:
     param_defaults: dict[str, Any] = field(default_factory=dict)
     fits_per_gpu: int = 0  # jobs a worker takes at once, fits packed (packing.py); 0: auto
     max_pixels: int | None = DEFAULT_MAX_PIXELS  # declared image size refused above this
+    output_format: str = "same"  # "png", "tiff" or "same" (TIFF for a TIFF input, else PNG)
+    # Tiled fitting (dip_core.Tiling): an image is cut into tiles of `tile_size` px (0: never)
+    # when it has more than `tile_above` pixels, or, with None, when its whole-image fit
+    # would not fit this worker's share of the device's memory (fit_memory_limit).
+    tile_size: int = Tiling.size  # dip_core's default
+    tile_above: int | None = None
 
 
 @dataclass(frozen=True)
 class JobInputs:
     observation: DecodedImage
     companions: dict[str, np.ndarray] = field(default_factory=dict)  # by input role
+    notes: tuple[str, ...] = ()  # what decoding did to the user's files (images.py)
 
 
 class Fitter:
@@ -103,6 +114,7 @@ class Fitter:
     ):
         self.config = config
         self.service = service
+        self._lanes = 1 if service is None else service.runner.max_slots  # fits sharing a device
         # In a worker process: memory:// inputs arrive with the job, outputs go back to the
         # driver (outcome.files), the only process that can read and write them.
         self.ship_process_local = ship_process_local
@@ -131,7 +143,7 @@ class Fitter:
         outcome.row.update(
             seconds=time.perf_counter() - started, attempts=attempt, worker=self.worker
         )
-        outcome.row["node"] = self.node
+        outcome.row.update(node=self.node, peak_rss=peak_rss())
         return outcome
 
     def _run(self, job: Job) -> JobOutcome:
@@ -156,12 +168,14 @@ class Fitter:
             params=params,
             feature_net=feature_net,
             sync_every=self.config.sync_every,
+            tiling=self._tiling(),
             **{role: torch.from_numpy(pixels) for role, pixels in inputs.companions.items()},
         )
         result = run_plan(plan, lambda plan: self._fit_members(job, plan))
-        output = self.write_output(job, result.image.numpy(), inputs.observation)
+        output, dropped = self.write_output(job, result.image.numpy(), inputs.observation)
         row = _ok_row(job, output, result.iterations, result.energy, result.psnr, result.device)
-        row.update(stopped_at=result.stopped_at, stop_reason=result.stop_reason)
+        row.update(stopped_at=result.stopped_at, stop_reason=result.stop_reason,
+                   tiles=result.tiles, notes=_notes(inputs.notes + dropped))  # fmt: skip
         missing = [None] * len(result.steps)
         trace = {
             "step": result.steps.tolist(),
@@ -176,12 +190,15 @@ class Fitter:
         when this worker shares a PackedFitService, else one after the other. A fit that
         runs out of memory is run once more alone, recomputing activations in backward
         instead of keeping them (slower, a fraction of the memory) rather than failing."""
-        callbacks = [lambda p: self._on_progress(job.id, p)]
+        progress = JobProgress(self, job.id, sum(config.iterations for _, config in plan.fits))
+        callbacks = [[progress.reporter(index)] for index in range(len(plan.fits))]
         try:
             if self.service is not None:
-                items = [FitItem(None, plan.problem, c, callbacks) for c in plan.configs]
+                items = [FitItem(None, problem, config, callbacks[index])
+                         for index, (problem, config) in enumerate(plan.fits)]  # fmt: skip
                 return self.service.run(items)
-            return [self._fit(plan, config, callbacks, None) for config in plan.configs]
+            return [self._fit(problem, config, callbacks[index], None)
+                    for index, (problem, config) in enumerate(plan.fits)]  # fmt: skip
         except torch.cuda.OutOfMemoryError as error:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -189,21 +206,12 @@ class Fitter:
                         "checkpointing", job.id, str(error).splitlines()[0])  # fmt: skip
             options = replace(EngineOptions.fastest_for(resolve_device(self.config.device)),
                               checkpointing=True)  # fmt: skip
-            return [self._fit(plan, config, callbacks, options) for config in plan.configs]
+            return [self._fit(problem, config, callbacks[index], options)
+                    for index, (problem, config) in enumerate(plan.fits)]  # fmt: skip
 
-    def _fit(self, plan: RestorePlan, config, callbacks, options) -> FitResult:
-        return fit(plan.problem, config, device=self.config.device, callbacks=callbacks,
+    def _fit(self, problem, config, callbacks, options) -> FitResult:
+        return fit(problem, config, device=self.config.device, callbacks=callbacks,
                    options=options)  # fmt: skip
-
-    def _on_progress(self, job_id: str, progress: FitProgress) -> bool:
-        self.progress = {
-            "id": job_id,
-            "step": progress.step,
-            "iterations": progress.iterations,
-            "energy": progress.energy,
-        }
-        self._notify(job_id, progress.step)
-        return False
 
     def _notify(self, job_id: str, step: int) -> None:
         for listener in self.step_listeners:
@@ -213,8 +221,9 @@ class Fitter:
         """Benchmark mode: a job of known cost that still reads inputs and writes outputs."""
         time.sleep(self.config.fake_fit_seconds or 0.0)
         self._notify(job.id, 0)
-        output = self.write_output(job, inputs.observation.pixels, inputs.observation)
+        output, dropped = self.write_output(job, inputs.observation.pixels, inputs.observation)
         row = _ok_row(job, output, 0, 0.0, None, "fake")
+        row["notes"] = _notes(inputs.notes + dropped)
         return JobOutcome(row, {"step": [0], "energy": [0.0], "psnr": [None], "stop_stat": [None]})
 
     def load_inputs(self, job: Job) -> JobInputs:
@@ -223,16 +232,18 @@ class Fitter:
         observation = self._read(job.image, "image")
         sizes = {"image": observation.size, "output": output_size(job, observation.size)}
         companions: dict[str, np.ndarray] = {}
+        notes = list(observation.metadata.notes)
         for role in COMPANION_ROLES:
             uri = job.inputs.get(role.name)
             if not uri:
                 continue
             image = self._read_sized(uri, role.name, sizes[role.size_of])
+            notes += [f"{role.name}: {note}" for note in image.metadata.notes]
             if role.kind == "mask":  # any non-zero channel marks a known pixel
                 companions[role.name] = np.asarray((image.pixels > 0).any(axis=0), np.float32)
             else:
                 companions[role.name] = _match_channels(image, observation)
-        return JobInputs(observation, companions)
+        return JobInputs(observation, companions, tuple(notes))
 
     def _read(self, uri: str, role: str) -> DecodedImage:
         try:
@@ -253,17 +264,60 @@ class Fitter:
             )
         return image
 
-    def write_output(self, job: Job, pixels: np.ndarray, source: DecodedImage) -> str:
+    def write_output(
+        self, job: Job, pixels: np.ndarray, source: DecodedImage
+    ) -> tuple[str, tuple[str, ...]]:
+        """Write the restored image in the run's format, at the source's depth, with the
+        source's profile and metadata; returns its URI and what the format could not hold."""
         alpha = source.alpha
         if alpha is not None and alpha.shape != pixels.shape[1:]:  # super-resolution
             alpha = resize_plane(alpha, (pixels.shape[2], pixels.shape[1]))
-        uri = image_uri(self.config.out, job.id)
-        data = encode_png(pixels, alpha, source.bit_depth)
+        encoded = encode_image(pixels, alpha, source, output_format(self.config.output_format,
+                                                                   source))  # fmt: skip
+        uri = image_uri(self.config.out, job.id, encoded.extension)
         if self.ship_process_local and is_process_local(uri):
-            self._shipped[uri] = data
+            self._shipped[uri] = encoded.data
         else:
-            self.storage.write_bytes(uri, data)
-        return uri
+            self.storage.write_bytes(uri, encoded.data)
+        return uri, encoded.dropped
+
+    def _tiling(self) -> Tiling | None:
+        """When and how this worker tiles an image (WorkerConfig.tile_size / tile_above)."""
+        if self.config.tile_size <= 0:
+            return None
+        limit = None
+        if self.config.tile_above is None:
+            limit = fit_memory_limit(resolve_device(self.config.device), self._lanes)
+        size = self.config.tile_size  # a small tile gets a margin in proportion
+        return Tiling(size=size, margin=min(Tiling.margin, size // 4),
+                      above_pixels=self.config.tile_above, memory_limit=limit)  # fmt: skip
+
+
+class JobProgress:
+    """A job's live progress over all its fits (ensemble members, tiles): steps done and
+    planned summed, so the bar's steps per second stay right when a fit ends and the next
+    one starts from step 0."""
+
+    def __init__(self, fitter: Fitter, job_id: str, planned: int) -> None:
+        self.fitter, self.job_id, self.planned = fitter, job_id, planned
+        self.done: dict[int, int] = {}  # fit index -> steps it has done
+        self.lock = threading.Lock()  # packed fits report from the packing thread
+
+    def reporter(self, index: int) -> Callable[[FitProgress], bool]:
+        def report(progress: FitProgress) -> bool:
+            with self.lock:
+                self.done[index] = progress.step
+                step = sum(self.done.values())
+            self.fitter.progress = {
+                "id": self.job_id,
+                "step": step,
+                "iterations": self.planned,
+                "energy": progress.energy,
+            }
+            self.fitter._notify(self.job_id, step)
+            return False
+
+        return report
 
 
 def _match_channels(image: DecodedImage, like: DecodedImage) -> np.ndarray:
@@ -274,6 +328,34 @@ def _match_channels(image: DecodedImage, like: DecodedImage) -> np.ndarray:
     if pixels.shape[0] == 1:
         return np.repeat(pixels, wanted, axis=0)
     raise JobInputError(f"a colour guide/reference cannot go with a greyscale image ({wanted} ch)")
+
+
+def peak_rss() -> int | None:
+    """This process's peak resident memory in bytes (Linux reports KiB, macOS bytes)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def _notes(notes: tuple[str, ...]) -> str | None:
+    return "; ".join(notes) or None
+
+
+def fit_memory_limit(device: torch.device, lanes: int) -> int | None:
+    """Bytes one fit of this worker may use: its lane's share of the free GPU memory, or on a
+    CPU of a quarter of the machine's physical memory (None where that is unknown, e.g. not
+    Linux: then every image larger than one tile is tiled)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // max(1, lanes)
+    try:
+        physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+    return physical // 4 // max(1, lanes)
 
 
 def _base_row(job: Job) -> dict[str, Any]:

@@ -46,6 +46,9 @@ class Task:
     needs_feature_net: bool = False  # the caller supplies a feature network (pre-image)
     baseline: str = ""  # the classical method of the quality benchmark (benchmarks/baselines.py)
     luma_metric: bool = False  # quality is reported on the Y channel (the SR convention)
+    # Whether a large image may be fitted in overlapping tiles (tiling.py). False where the
+    # energy is on whole-image features (pre-image): such a job is always fitted whole.
+    tileable: bool = True
     presets: ClassVar[dict[str, Preset]] = {}  # by name; the first is the task's default
 
     # --- what the job looks like --------------------------------------------------------
@@ -95,6 +98,12 @@ class Task:
         """(operator A, energy E, data y): the fit minimises E(A(x), y), A taking an
         output-sized image. Default: x is compared with the image itself."""
         return Identity(), MeanSquaredError(), job.image
+
+    def tile_halo(self, params: dict) -> int:
+        """Pixels (of the image) at a tile's inner edge that its fit cannot get right: the
+        operator's reach beyond the tile, which the tile does not have. Tiling gives them no
+        weight in the blend (tiling.py). 0 by default: the operator is pixel-wise."""
+        return 0
 
     def energy_floor(self, observation: torch.Tensor) -> float | None:
         """The energy of a fit that has reached the noise level, where the task knows it

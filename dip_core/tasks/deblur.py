@@ -41,6 +41,11 @@ class Deblur(Task):
         blur_kernel(params)  # refuses a missing or bad kernel before any fit
         return {}
 
+    def tile_halo(self, params: dict) -> int:
+        """The kernel's radius: a tile's pixels that close to its edge are blurred with
+        replicated border pixels instead of the neighbours the tile does not hold."""
+        return max(blur_kernel(params).shape) // 2
+
     def measurement(self, job: Observed) -> Measurement:
         return Blur(blur_kernel(job.params)), MeanSquaredError(), job.image
 

@@ -18,6 +18,7 @@ class Preimage(Task):
     name = "preimage"
     param_keys = ("feature_layer", "feature_weights")
     needs_feature_net = True
+    tileable = False  # the energy compares whole-image features: a tile has no meaning alone
     presets = {
         "preimage": Preset("noise", 32, channels_down=(16, 32, 64, 128, 128, 128),
                            channels_up=(16, 32, 64, 128, 128, 128), channels_skip=levels(4, 6),

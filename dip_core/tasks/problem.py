@@ -132,8 +132,11 @@ def problem_for(
     scale: int | None,
     params: dict | None,
     feature_net: nn.Module | None,
+    preset: Preset | None = None,
 ) -> Problem:
-    """Validate one job's inputs and turn them into a Problem (on the CPU)."""
+    """Validate one job's inputs and turn them into a Problem (on the CPU). ``preset``, when
+    given, is used as it is instead of being resolved from params and inputs (a tile of an
+    image runs the preset resolved for the whole image: tiling.py)."""
     observation = as_image(observation, "observation")
     task.check_scale(scale)
     observation = task.prepare(observation)
@@ -141,7 +144,8 @@ def problem_for(
     channels, height, width = observation.shape
     output_shape = (channels, height * factor, width * factor)
     inputs = check_inputs(task, observation, given, output_shape)
-    preset = task.resolve_preset(params, scale, inputs)
+    if preset is None:
+        preset = task.resolve_preset(params, scale, inputs)
     image = task.network_image(inputs) if preset.input_kind == "image" else None
     spec = network_spec(preset, channels, preset.input_depth if image is None else image.shape[0])
     placement = Placement.for_target(height * factor, width * factor, spec.minimum_side(),

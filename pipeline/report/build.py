@@ -85,13 +85,20 @@ def _manifest_inputs(
         return {}
 
 
+def _restored_extension(row: dict) -> str:
+    """The restored image's extension, from the row's `output` (PNG or TIFF; PNG for rows
+    written before outputs could be TIFF); its folder comes from OUT's layout."""
+    name = (row.get("output") or "").rsplit("/", 1)[-1]
+    return "tif" if name == f"{row['id']}.tif" else "png"
+
+
 def _image_slots(out: str, row: dict, inputs: dict | None) -> list[tuple[str, str | None, str]]:
     """(label, URI or None, why it is missing) for input / restored / reference."""
     missing_input = "manifest unavailable" if inputs is None else "no input URI"
     reference = None if inputs is None else inputs.get("reference")
     return [
         ("input", None if inputs is None else inputs.get("image"), missing_input),
-        ("restored", image_uri(out, row["id"]), ""),
+        ("restored", image_uri(out, row["id"], _restored_extension(row)), ""),
         ("reference", reference, "no reference" if inputs is not None else missing_input),
     ]
 
@@ -118,7 +125,7 @@ def _cards(
         ]
         trace = traces.get(row["id"])
         plot = curve_svg(trace, row.get("stopped_at"), row.get("stop_reason")) if trace else None
-        href = f"images/{shard_of(row['id'])}/{row['id']}.png"
+        href = f"images/{shard_of(row['id'])}/{row['id']}.{_restored_extension(row)}"
         cards[row["id"]] = Card(row, images, plot, href)
     return cards
 

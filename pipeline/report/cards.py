@@ -40,6 +40,10 @@ def _metrics(row: dict) -> str:
         ("time", "-" if row.get("seconds") is None else f"{row['seconds']:.1f} s"),
         ("device", row.get("device")),
     ]
+    if (row.get("tiles") or 1) > 1:
+        items.append(("tiles", row["tiles"]))
+    if row.get("notes"):
+        items.append(("notes", row["notes"]))
     body = "".join(f"<div><dt>{esc(k)}</dt><dd>{esc(v)}</dd></div>" for k, v in items)
     return f'<dl class="metrics">{body}</dl>'
 
@@ -64,7 +68,7 @@ def _card(card: Card, anchor: str) -> str:
     figures = "".join(_figure(label, image, anchor, row["id"]) for label, image in card.images)
     plot = card.plot or '<p class="note">no trace recorded</p>'
     full = (
-        f'<p class="full"><a href="{esc(card.full_href)}">restored PNG, full size</a></p>'
+        f'<p class="full"><a href="{esc(card.full_href)}">restored image, full size</a></p>'
         if card.full_href
         else ""
     )

@@ -20,10 +20,11 @@ import pyarrow.compute as pc
 from pipeline.outputs import RESULT_SCHEMA, STATUS_OK, result_shards
 from pipeline.storage import Storage
 
-# `output` is not read: the restored PNG is found by OUT's layout, so a moved OUT still works.
+# `output` gives only the restored image's file name (PNG or TIFF): the folder is found by
+# OUT's layout, so a moved OUT still works.
 COLUMNS = (
-    *("id", "task", "status", "error", "iterations", "energy", "psnr", "seconds"),
-    *("device", "attempts", "stopped_at", "stop_reason", "finished_at"),
+    *("id", "task", "status", "error", "output", "iterations", "energy", "psnr", "seconds"),
+    *("device", "attempts", "stopped_at", "stop_reason", "finished_at", "notes", "tiles"),
 )
 SCAN_SCHEMA = pa.schema([RESULT_SCHEMA.field(name) for name in COLUMNS]).append(
     pa.field("shard", pa.string())

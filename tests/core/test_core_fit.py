@@ -220,10 +220,10 @@ def test_a_capped_slow_preset_raises_its_learning_rate():
     _, noisy = synthetic(16, 16)
     mask = torch.rand(16, 16, generator=torch.Generator().manual_seed(0)) < 0.5
     job = {"mask": mask.float(), "params": {**SMALL, "variant": "pixels"}}
-    capped = plan_restore("inpaint", noisy, iterations=1500, **job).configs[0]
+    capped = plan_restore("inpaint", noisy, iterations=1500, **job).fits[0][1]
     assert capped.lr == pytest.approx(0.001 * (11000 / 1500) ** 0.5)
-    assert plan_restore("inpaint", noisy, iterations=11000, **job).configs[0].lr == 0.001
-    assert plan_restore("inpaint", noisy, iterations=20, **job).configs[0].lr == 0.01  # ceiling
+    assert plan_restore("inpaint", noisy, iterations=11000, **job).fits[0][1].lr == 0.001
+    assert plan_restore("inpaint", noisy, iterations=20, **job).fits[0][1].lr == 0.01  # ceiling
     user = {**job, "params": {**job["params"], "lr": 0.002}}
-    assert plan_restore("inpaint", noisy, iterations=1500, **user).configs[0].lr == 0.002
-    assert plan_restore("denoise", noisy, iterations=100, params=SMALL).configs[0].lr == 0.01
+    assert plan_restore("inpaint", noisy, iterations=1500, **user).fits[0][1].lr == 0.002
+    assert plan_restore("denoise", noisy, iterations=100, params=SMALL).fits[0][1].lr == 0.01

@@ -23,6 +23,7 @@ from pipeline.storage import Storage
 from pipeline.validate import check_job
 from pipeline.worker import Fitter, WorkerConfig
 from tests.support.builders import TINY_PARAMS, tiny_image, write_manifest, write_png
+from tests.support.icc import cmyk_profile
 
 
 @pytest.fixture
@@ -145,6 +146,7 @@ def _modes(tmp_path: Path) -> dict[str, tuple[str, int, int, bool]]:
     rgb = Image.fromarray(rgb8)
     grey16 = Image.fromarray((tiny_image(6, 20, 1)[0] * 65535).astype(np.uint16))
     palette = rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    cmyk = rgb.convert("CMYK")
     cases = {
         "grey16.png": (encode_png(tiny_image(7, 20, 1), None, 16), 1, 16, False),
         "rgb16.png": (encode_png(tiny_image(8, 20), None, 16), 3, 16, False),
@@ -152,8 +154,10 @@ def _modes(tmp_path: Path) -> dict[str, tuple[str, int, int, bool]]:
         "grey16.tif": (_pillow_bytes(grey16, "TIFF"), 1, 16, False),
         "palette.png": (_pillow_bytes(palette, "PNG"), 3, 8, False),
         "palette-transparent.png": (_pillow_bytes(palette, "PNG", transparency=0), 3, 8, True),
-        "cmyk.jpg": (_pillow_bytes(rgb.convert("CMYK"), "JPEG"), 3, 8, False),
-        "cmyk.tif": (_pillow_bytes(rgb.convert("CMYK"), "TIFF"), 3, 8, False),
+        # CMYK is converted with its embedded profile (refused without one:
+        # test_images_archival.py)
+        "cmyk.jpg": (_pillow_bytes(cmyk, "JPEG", icc_profile=cmyk_profile()), 3, 8, False),
+        "cmyk.tif": (_pillow_bytes(cmyk, "TIFF", icc_profile=cmyk_profile()), 3, 8, False),
         "bilevel.png": (_pillow_bytes(rgb.convert("1"), "PNG"), 1, 8, False),
         "grey-alpha.png": (_pillow_bytes(rgb.convert("LA"), "PNG"), 1, 8, True),
         "grey.jpg": (_pillow_bytes(rgb.convert("L"), "JPEG"), 1, 8, False),

@@ -63,3 +63,14 @@ def test_a_failing_item_fails_alone():
     thread.join(timeout=60)
     assert errors, "the broken fit should raise in its caller"
     assert service.run([_item(2, 5)])[0].iterations == 5  # the service keeps working
+
+
+def test_occupancy_counts_fits_and_slots_per_step():
+    service = PackedFitService(PackingConfig(lanes=2, device="cpu"))
+    assert service.stats() == {"steps": 0, "fit_steps": 0, "slot_steps": 0, "lanes": 2}
+    assert service.run([_item(1, 12)])[0].iterations == 12  # alone: half the pack
+    stats = service.stats()
+    assert stats["steps"] == 12 and stats["fit_steps"] == 12 and stats["slot_steps"] == 24
+    service.run([_item(2, 10), _item(3, 10)])  # together: a full pack
+    stats = service.stats()
+    assert stats["steps"] == 22 and stats["fit_steps"] == 32 and stats["slot_steps"] == 44

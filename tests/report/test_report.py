@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+import tifffile
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -327,6 +328,29 @@ def test_memory_out_and_missing_manifest():
     assert "run.json names no manifest" in root.text()
     card = cards_by_id(root)["job-000001"]
     assert decode_data_uri(card.find_all("img")[0].attrs["src"]).size == (20, 20)
+
+
+def test_a_tiff_output_is_shown_and_linked_with_its_notes(tmp_path):
+    """A job restored as a 16-bit TIFF (--format same on a TIFF master): the report finds
+    the .tif by the row's `output`, shows it, links it, and shows the row's notes."""
+    out = str(tmp_path)
+    uri = image_uri(out, "scan", "tif")
+    Path(uri).parent.mkdir(parents=True)
+    tifffile.imwrite(uri, np.full((12, 16, 3), 40000, np.uint16), photometric="rgb")
+    row = {"id": "scan", "task": "denoise", "status": "ok", "output": uri, "iterations": 5,
+           "energy": 0.1, "seconds": 1.0, "tiles": 4, "notes": "rotated upright (EXIF 6)"}
+    columns = [pa.array([row.get(f.name)], f.type) for f in RESULT_SCHEMA]
+    Storage().write_parquet(join(out, "results", "part-1.parquet"),
+                            pa.Table.from_arrays(columns, schema=RESULT_SCHEMA))  # fmt: skip
+    Storage().write_parquet(join(out, "traces", "part-1.parquet"), TRACE_SCHEMA.empty_table())
+    card = cards_by_id(report_root(Storage(), out))["scan"]
+    [restored] = card.find_all("img")  # no manifest: the input and reference are not shown
+    thumb = decode_data_uri(restored.attrs["src"])
+    assert thumb.size == (16, 12)
+    assert np.asarray(thumb.convert("RGB"))[0, 0, 0] == round(40000 / 65535 * 255)
+    links = [a.attrs["href"] for a in card.find_all("a") if a.attrs["href"].startswith("images")]
+    assert links == [f"images/{Path(uri).parent.name}/scan.tif"]
+    assert "rotated upright (EXIF 6)" in card.text() and "tiles" in card.text()
 
 
 @pytest.mark.s3
