@@ -337,8 +337,17 @@ def test_a_tiff_output_is_shown_and_linked_with_its_notes(tmp_path):
     uri = image_uri(out, "scan", "tif")
     Path(uri).parent.mkdir(parents=True)
     tifffile.imwrite(uri, np.full((12, 16, 3), 40000, np.uint16), photometric="rgb")
-    row = {"id": "scan", "task": "denoise", "status": "ok", "output": uri, "iterations": 5,
-           "energy": 0.1, "seconds": 1.0, "tiles": 4, "notes": "rotated upright (EXIF 6)"}
+    row = {
+        "id": "scan",
+        "task": "denoise",
+        "status": "ok",
+        "output": uri,
+        "iterations": 5,
+        "energy": 0.1,
+        "seconds": 1.0,
+        "tiles": 4,
+        "notes": "rotated upright (EXIF 6)",
+    }
     columns = [pa.array([row.get(f.name)], f.type) for f in RESULT_SCHEMA]
     Storage().write_parquet(join(out, "results", "part-1.parquet"),
                             pa.Table.from_arrays(columns, schema=RESULT_SCHEMA))  # fmt: skip
