@@ -20,7 +20,8 @@ from tests.support.builders import TINY_PARAMS, write_manifest
 WIDTH, HEIGHT = 4000, 3000
 # The worker's whole process (torch, Ray's worker runtime, the 12 Mpx image as 16-bit input,
 # float planes and the blended result) stays under this; the whole image fitted at once
-# would need ~60 GiB with this tiny network by dip_core's estimate.
+# would need 13 GiB with this tiny network by dip_core's estimate (fit_bytes; 185 GiB with
+# the denoising preset's network).
 PEAK_RSS_LIMIT = 3 * 2**30
 
 
