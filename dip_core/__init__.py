@@ -18,11 +18,12 @@ from .networks import SkipSpec, build_network
 from .presets import Preset
 from .roles import COMPANION_ROLES, INPUT_ROLES, InputRole
 from .tasks import PRESETS, TASKS, Task, build_problem, check_params, get_task, resolve_preset
-from .tiling import Tiling
+from .tiling import MIN_TILE_SIZE, Tiling
 
 __all__ = [
     "COMPANION_ROLES",
     "INPUT_ROLES",
+    "MIN_TILE_SIZE",
     "PRESETS",
     "TASKS",
     "DipInputError",

@@ -287,7 +287,8 @@ def tile_problems(
             raise DipInputError(
                 f"tile {tile.index} (rows {tile.top}-{tile.top + tile.height - 1}, columns "
                 f"{tile.left}-{tile.left + tile.width - 1}) has no known pixel: a hole larger "
-                "than a tile cannot be filled tile by tile; use larger tiles")  # fmt: skip
+                "than a tile cannot be filled tile by tile; use larger tiles (dippipe run "
+                "--tile) or none (--tile 0, if the whole image fits the device)")  # fmt: skip
         given = {}
         for role, value in inputs.items():
             if value is not None:

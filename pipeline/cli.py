@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
+from dip_core import MIN_TILE_SIZE
 from pipeline.errors import DippipeError
 from pipeline.folder import FolderSpec, build_from_folder
 from pipeline.images import DEFAULT_MAX_PIXELS, OUTPUT_FORMATS
@@ -36,7 +37,6 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console(stderr=True, soft_wrap=True)  # whole lines: logs stay greppable
-MIN_TILE = 32  # a smaller tile has more margin than content
 
 MaxPixels = Annotated[
     int,
@@ -199,8 +199,8 @@ def run_command(
     if stop not in (None, "auto", "fixed"):
         console.print(f"[red]--stop must be 'auto' or 'fixed', got {stop!r}[/]")
         raise typer.Exit(2)
-    if 0 < tile < MIN_TILE:
-        console.print(f"[red]--tile must be 0 (never tile) or at least {MIN_TILE} pixels[/]")
+    if 0 < tile < MIN_TILE_SIZE:
+        console.print(f"[red]--tile must be 0 (never tile) or at least {MIN_TILE_SIZE} pixels[/]")
         raise typer.Exit(2)
     if output_format not in OUTPUT_FORMATS:
         console.print(f"[red]--format must be one of {', '.join(OUTPUT_FORMATS)}, got "

@@ -10,14 +10,17 @@ gives a worker's free lane a job whose key matches what that worker already runs
 
 The key (:func:`job_key`) approximates the bucket: ``(task, scale, params, width, height)`` of
 the input image (params as canonical JSON). Images of different sizes that pad to the same size
-get different keys (a missed match, never a wrong one). An image the worker will cut into tiles
-(``WorkerConfig.tile_size`` > 0 and more pixels than ``tile_above``) is keyed by the tile size
-instead: all its tiles, and those of every other such image, share one bucket. Without
-``tile_above`` the worker decides by its free memory, which the driver cannot see: such images
-keep their own size as key. A header that cannot be read or parsed (missing file, corrupt or too
-short a head, any storage error; also a TIFF whose directory lies past the first 64 KiB) gives
-the key :data:`UNKNOWN`: the job matches no other and is still run (its worker reports what is
-wrong with it, if anything); the run never fails for a header.
+get different keys (a missed match). Jobs of one key usually share a bucket, not always: an
+inpainting network depends on its mask's kind, and a tiled image with a side shorter than a
+tile has tiles of another shape; a wrong match only costs occupancy (the job waits for the pack
+to drain), never a result. An image the worker will cut into tiles (``WorkerConfig.tile_size``
+> 0 and more pixels than ``tile_above``) is keyed by the tile size instead: all its tiles, and
+those of every other such image, share one bucket. The worker also tiles by its memory, which
+the driver does not model: such images keep their own size as key. A header that cannot be
+read or parsed (missing file, corrupt or too short a head, any storage error; also a TIFF
+whose directory lies past the first 64 KiB, as libtiff writes compressed files: a second ranged
+read there is left to do) gives the key :data:`UNKNOWN`: the job matches no other and is still
+run (its worker reports what is wrong with it, if anything); the run never fails for a header.
 
 Picking (:meth:`Lookahead.pick`), for a free lane of a worker:
 

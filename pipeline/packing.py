@@ -15,10 +15,11 @@ in manifest order keeps packs part empty; the scheduler's look-ahead (lookahead.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,12 +62,19 @@ class PackedFitService:
         self.thread.start()
 
     def run(self, items: list[FitItem]) -> list[FitResult]:
-        """Fit every item (their tags are ignored) and return the results in order."""
+        """Fit every item (their tags are ignored) and return the results in order. When
+        one fails, the others not yet started are dropped (a job's tiles, say: the job has
+        failed); those already running stop when their callbacks say so (worker.py)."""
         futures: list[Future[FitResult]] = [Future() for _ in items]
         for item, future in zip(items, futures, strict=True):
             item.tag = future
             self.inbox.put(item)
-        return [future.result() for future in futures]
+        try:
+            return [future.result() for future in futures]
+        except BaseException:
+            for future in futures:
+                future.cancel()  # a no-op once it has a result
+            raise
 
     def _loop(self) -> None:
         while True:
@@ -80,14 +88,14 @@ class PackedFitService:
             try:
                 self._admit()
             except Exception as error:  # this item could not join a pack: it alone fails
-                self.waiting.popleft().tag.set_exception(error)
+                _fail(self.waiting.popleft().tag, error)
                 continue
             self._count_step()
             try:
                 self._deliver(self.runner.step())
             except Exception as error:  # the pack's step failed: fail its fits, go on
                 for future in self.runner.abandon():
-                    future.set_exception(error)
+                    _fail(future, error)
 
     def _count_step(self) -> None:
         pack = self.runner.pack
@@ -108,6 +116,9 @@ class PackedFitService:
 
     def _admit(self) -> None:
         while self.waiting:
+            if self.waiting[0].tag.cancelled():  # its caller has given up on it
+                self.waiting.popleft()
+                continue
             taken, finished = self.runner.offer(self.waiting[0])
             self._deliver(finished)
             if not taken:
@@ -117,7 +128,13 @@ class PackedFitService:
     @staticmethod
     def _deliver(finished: list[tuple[Future, FitResult]]) -> None:
         for future, result in finished:
-            future.set_result(result)
+            with contextlib.suppress(InvalidStateError):  # cancelled meanwhile: unwanted
+                future.set_result(result)
+
+
+def _fail(future: Future, error: BaseException) -> None:
+    with contextlib.suppress(InvalidStateError):  # cancelled meanwhile: unwanted
+        future.set_exception(error)
 
 
 def summarize(stats: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -18,6 +18,7 @@ is such a hook.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -186,19 +187,13 @@ class Fitter:
         return JobOutcome(row, trace)
 
     def _fit_members(self, job: Job, plan: RestorePlan) -> list[FitResult]:
-        """The job's fits (one, or one per ensemble member): packed with other jobs' fits
-        when this worker shares a PackedFitService, else one after the other. A fit that
-        runs out of memory is run once more alone, recomputing activations in backward
-        instead of keeping them (slower, a fraction of the memory) rather than failing."""
-        progress = JobProgress(self, job.id, sum(config.iterations for _, config in plan.fits))
-        callbacks = [[progress.reporter(index)] for index in range(len(plan.fits))]
+        """The job's fits (ensemble members, tiles): packed with other jobs' fits when this
+        worker shares a PackedFitService, else one after the other. A fit that runs out of
+        memory is run once more alone, recomputing activations in backward instead of
+        keeping them (slower, a fraction of the memory) rather than failing. When one fit
+        fails, the job's others still running stop at their next progress report."""
         try:
-            if self.service is not None:
-                items = [FitItem(None, problem, config, callbacks[index])
-                         for index, (problem, config) in enumerate(plan.fits)]  # fmt: skip
-                return self.service.run(items)
-            return [self._fit(problem, config, callbacks[index], None)
-                    for index, (problem, config) in enumerate(plan.fits)]  # fmt: skip
+            return self._fit_all(job, plan, None)
         except torch.cuda.OutOfMemoryError as error:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -206,8 +201,22 @@ class Fitter:
                         "checkpointing", job.id, str(error).splitlines()[0])  # fmt: skip
             options = replace(EngineOptions.fastest_for(resolve_device(self.config.device)),
                               checkpointing=True)  # fmt: skip
+            return self._fit_all(job, plan, options)
+
+    def _fit_all(self, job: Job, plan: RestorePlan, options) -> list[FitResult]:
+        """Every fit of the plan, in order; ``options`` set: one after the other, alone."""
+        progress = JobProgress(self, job.id, sum(config.iterations for _, config in plan.fits))
+        callbacks = [[progress.reporter(index)] for index in range(len(plan.fits))]
+        try:
+            if self.service is not None and options is None:
+                items = [FitItem(None, problem, config, callbacks[index])
+                         for index, (problem, config) in enumerate(plan.fits)]  # fmt: skip
+                return self.service.run(items)
             return [self._fit(problem, config, callbacks[index], options)
                     for index, (problem, config) in enumerate(plan.fits)]  # fmt: skip
+        except BaseException:
+            progress.cancelled = True
+            raise
 
     def _fit(self, problem, config, callbacks, options) -> FitResult:
         return fit(problem, config, device=self.config.device, callbacks=callbacks,
@@ -272,6 +281,10 @@ class Fitter:
         alpha = source.alpha
         if alpha is not None and alpha.shape != pixels.shape[1:]:  # super-resolution
             alpha = resize_plane(alpha, (pixels.shape[2], pixels.shape[1]))
+        factor = pixels.shape[2] / source.size[0]
+        if factor != 1 and source.metadata.dpi is not None:  # same print size, more pixels
+            dpi = (source.metadata.dpi[0] * factor, source.metadata.dpi[1] * factor)
+            source = replace(source, metadata=replace(source.metadata, dpi=dpi))
         encoded = encode_image(pixels, alpha, source, output_format(self.config.output_format,
                                                                    source))  # fmt: skip
         uri = image_uri(self.config.out, job.id, encoded.extension)
@@ -285,9 +298,7 @@ class Fitter:
         """When and how this worker tiles an image (WorkerConfig.tile_size / tile_above)."""
         if self.config.tile_size <= 0:
             return None
-        limit = None
-        if self.config.tile_above is None:
-            limit = fit_memory_limit(resolve_device(self.config.device), self._lanes)
+        limit = fit_memory_limit(resolve_device(self.config.device), self._lanes)
         size = self.config.tile_size  # a small tile gets a margin in proportion
         return Tiling(size=size, margin=min(Tiling.margin, size // 4),
                       above_pixels=self.config.tile_above, memory_limit=limit)  # fmt: skip
@@ -302,6 +313,7 @@ class JobProgress:
         self.fitter, self.job_id, self.planned = fitter, job_id, planned
         self.done: dict[int, int] = {}  # fit index -> steps it has done
         self.lock = threading.Lock()  # packed fits report from the packing thread
+        self.cancelled = False  # a fit of the job failed: the others stop (their callbacks)
 
     def reporter(self, index: int) -> Callable[[FitProgress], bool]:
         def report(progress: FitProgress) -> bool:
@@ -315,7 +327,7 @@ class JobProgress:
                 "energy": progress.energy,
             }
             self.fitter._notify(self.job_id, step)
-            return False
+            return self.cancelled
 
         return report
 
@@ -344,18 +356,29 @@ def _notes(notes: tuple[str, ...]) -> str | None:
     return "; ".join(notes) or None
 
 
+FIT_MEMORY_SHARE = 0.7  # of a GPU's memory, for fits: the rest for CUDA's context and cache
+CPU_FIT_MEMORY_SHARE = 0.25  # of a CPU machine's memory: a node runs several workers
+CGROUP_MEMORY_LIMIT = "/sys/fs/cgroup/memory.max"  # cgroup v2: a container's (pod's) limit
+
+
 def fit_memory_limit(device: torch.device, lanes: int) -> int | None:
-    """Bytes one fit of this worker may use: its lane's share of the free GPU memory, or on a
-    CPU of a quarter of the machine's physical memory (None where that is unknown, e.g. not
-    Linux: then every image larger than one tile is tiled)."""
+    """Bytes one fit of this worker may use: its lane's share of the GPU's total memory, or
+    on a CPU of a quarter of the machine's memory (or the container's limit, if lower). Total,
+    not free, memory: whether a job is tiled must not depend on what else ran before (the
+    same job and seed give the same result). None where the OS does not say (then every
+    image larger than one tile is tiled)."""
+    lanes = max(1, lanes)
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free // max(1, lanes)
+        total = torch.cuda.get_device_properties(device).total_memory
+        return int(FIT_MEMORY_SHARE * total) // lanes
     try:
-        physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
-    return physical // 4 // max(1, lanes)
+    # No cgroup v2, or "max" (no limit): the machine's memory.
+    with contextlib.suppress(OSError, ValueError), open(CGROUP_MEMORY_LIMIT) as limit:
+        memory = min(memory, int(limit.read().strip()))
+    return int(CPU_FIT_MEMORY_SHARE * memory) // lanes
 
 
 def _base_row(job: Job) -> dict[str, Any]:

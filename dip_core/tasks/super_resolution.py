@@ -38,6 +38,12 @@ class SuperResolution(Task):
             return {"downsampler": choice(params, "downsampler", DOWNSAMPLERS)}
         return {}
 
+    def tile_halo(self, params: dict) -> int:
+        """The downsampler's reach in low-resolution pixels (its support): nearer a tile's
+        edge, a pixel's kernel would need high-resolution pixels the tile does not have."""
+        kind = params.get("downsampler", Preset.downsampler)
+        return {"box": 0, "lanczos2": 2, "lanczos3": 3}[kind]
+
     def measurement(self, job: Observed) -> Measurement:
         factor = job.output_hw[0] // job.image.shape[-2]
         down = Downsampler(*job.output_hw, factor=factor, kind=job.preset.downsampler)

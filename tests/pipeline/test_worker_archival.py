@@ -5,15 +5,20 @@ large image fitted in tiles."""
 from __future__ import annotations
 
 import io
+import os
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
+import torch
 from PIL import Image, ImageCms
 
+from pipeline import worker
 from pipeline.images import decode_image
 from pipeline.manifest import job_from_row
+from pipeline.packing import PackedFitService, PackingConfig
 from pipeline.storage import Storage
 from pipeline.worker import Fitter, WorkerConfig
 from tests.support.builders import TINY_PARAMS, tiny_image, write_png
@@ -93,14 +98,71 @@ def test_a_large_image_is_fitted_in_tiles_and_its_row_says_how_many(tmp_path):
     assert whole["tiles"] == 1
 
 
-@pytest.mark.parametrize("name", ["png", "tiff", "bogus"])
-def test_the_cli_accepts_only_known_formats(tmp_path, name):
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [(["--format", "jpeg"], "--format must be one of"), (["--tile", "16"], "--tile must be 0")],
+)
+def test_the_cli_refuses_unknown_formats_and_tiny_tiles_before_anything_runs(
+    tmp_path, flags, message
+):
     from typer.testing import CliRunner
 
     from pipeline.cli import app
 
-    result = CliRunner().invoke(app, ["run", "m.parquet", "--out", str(tmp_path), "--format", name])
-    if name == "bogus":
-        assert result.exit_code == 2 and "--format must be one of" in result.output
-    else:
-        assert "--format must be one of" not in result.output
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["run", "m.parquet", "--out", str(out), *flags])
+    assert result.exit_code == 2 and message in result.output
+    assert not out.exists()
+
+
+def test_super_resolution_keeps_the_print_size(tmp_path):
+    """x2 more pixels at twice the resolution: the print is as large as the original's."""
+    source = tmp_path / "small.png"
+    pixels = np.rint(tiny_image(4, 16).transpose(1, 2, 0) * 255).astype(np.uint8)
+    Image.fromarray(pixels).save(source, dpi=(300, 300))
+    row = _fitter(tmp_path).run(_job(str(source), task="super_resolution", scale=2)).row
+    assert row["status"] == "ok", row["error"]
+    written = Image.open(io.BytesIO(Storage().read_bytes(row["output"])))
+    assert written.size == (32, 32)
+    assert written.info["dpi"] == pytest.approx((600, 600), abs=0.05)  # pHYs is per metre
+
+
+def test_the_fit_memory_limit_follows_a_container_limit(tmp_path, monkeypatch):
+    limit = tmp_path / "memory.max"
+    limit.write_text("8589934592\n")  # a pod limited to 8 GiB
+    monkeypatch.setattr(worker, "CGROUP_MEMORY_LIMIT", str(limit))
+    cpu = torch.device("cpu")
+    physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    expected = min(physical, 8 * 2**30) // 4
+    assert worker.fit_memory_limit(cpu, 1) == expected
+    assert worker.fit_memory_limit(cpu, 2) == expected // 2
+    limit.write_text("max\n")  # no limit: the machine's memory
+    assert worker.fit_memory_limit(cpu, 1) == physical // 4
+
+
+def test_a_failed_tile_stops_the_jobs_other_tiles(tmp_path):
+    """A tile's fit fails (here: its progress listener raises): the job fails, and the
+    worker's packing service does not go on fitting the job's remaining tiles."""
+    service = PackedFitService(PackingConfig(lanes=2, device="cpu"))
+    config = WorkerConfig(out=str(tmp_path / "out"), device="cpu", sync_every=5, tile_size=32,
+                          tile_above=1)  # fmt: skip
+    fitter = Fitter(config, service=service)
+
+    def fail_once_started(job_id: str, step: int) -> None:
+        if step >= 5:
+            raise RuntimeError("injected tile failure")
+
+    fitter.step_listeners.append(fail_once_started)
+    image = write_png(tmp_path / "in.png", tiny_image(5, 128))  # 5 x 5 = 25 tiles of 32 px
+    row = fitter.run(_job(image, iterations=40)).row
+    assert row["status"] == "failed" and "injected tile failure" in row["error"]
+    steps_at_failure = service.steps
+    deadline = time.monotonic() + 60
+    while (service.runner.busy or service.waiting or not service.inbox.empty()) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.05)
+    assert not service.runner.busy and not service.waiting
+    # At most the fits already packed run on, each to its next progress report (5 steps),
+    # instead of 25 tiles x 40 steps.
+    assert service.steps - steps_at_failure <= 2 * 5
