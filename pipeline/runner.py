@@ -103,6 +103,7 @@ def run(config: RunConfig, console: Console | None = None) -> RunSummary:
 def _run_locked(config: RunConfig, console: Console, storage: Storage, info) -> RunSummary:
     summary = RunSummary(manifest_rows=info.num_rows)
     finished = _prepare_out(storage, config, info, summary)
+    _warn_if_format_changed(storage, config, summary)
     run_json = _RunRecord(storage, config)
     run_json.write(summary)
     if summary.pending == 0:
@@ -122,6 +123,23 @@ def _run_locked(config: RunConfig, console: Console, storage: Storage, info) -> 
         except OSError as error:  # e.g. a full disk: must not hide why the run stopped
             log.warning("could not update run.json: %s", error)
     return summary
+
+
+def _warn_if_format_changed(storage: Storage, config: RunConfig, summary: RunSummary) -> None:
+    """A rerun with another --format writes only the jobs it runs in the new format: say so
+    before run.json, which recorded the old one, is overwritten."""
+    if not summary.skipped_ok:
+        return
+    try:
+        earlier = json.loads(storage.read_bytes(join(config.out, "run.json")))
+        before = earlier["config"]["output_format"]
+    except (OSError, ValueError, KeyError, TypeError):  # none, unreadable, or older than --format
+        return
+    if before != config.worker.output_format:
+        now = config.worker.output_format
+        log.warning("an earlier run on %s wrote images with --format %s; its %d finished "
+                    "job(s) keep them, the jobs run now are written with --format %s",
+                    _redact(config.out), before, summary.skipped_ok, now)  # fmt: skip
 
 
 def _prepare_out(storage: Storage, config: RunConfig, info: ManifestInfo, summary: RunSummary):

@@ -5,6 +5,7 @@ large image fitted in tiles."""
 from __future__ import annotations
 
 import io
+import logging
 import os
 import time
 from pathlib import Path
@@ -166,3 +167,27 @@ def test_a_failed_tile_stops_the_jobs_other_tiles(tmp_path):
     # At most the fits already packed run on, each to its next progress report (5 steps),
     # instead of 25 tiles x 40 steps.
     assert service.steps - steps_at_failure <= 2 * 5
+
+
+def test_a_rerun_with_another_format_says_the_finished_jobs_keep_theirs(
+    tmp_path, caplog, monkeypatch
+):
+    from pipeline.progress import RunSummary
+    from pipeline.runner import RunConfig, _warn_if_format_changed
+
+    # The CLI, run in-process by other tests, stops "dippipe" logs at its own handler.
+    monkeypatch.setattr(logging.getLogger("dippipe"), "propagate", True)
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "run.json").write_text('{"config": {"output_format": "same"}}')
+    config = RunConfig(manifest="m.parquet", worker=WorkerConfig(str(out), output_format="png"))
+    with caplog.at_level("WARNING", logger="dippipe"):
+        _warn_if_format_changed(Storage(), config, RunSummary(skipped_ok=3))
+    assert "--format same; its 3 finished job(s) keep them" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dippipe"):
+        _warn_if_format_changed(Storage(), config, RunSummary(skipped_ok=0))  # nothing kept
+        same = RunConfig(manifest="m.parquet", worker=WorkerConfig(str(out)))
+        _warn_if_format_changed(Storage(), same, RunSummary(skipped_ok=3))
+    assert not caplog.text
