@@ -270,9 +270,12 @@ def _schedule(config, storage, info, finished, summary, console, run_json) -> No
         finally:
             summary.worker_deaths = scheduler.deaths
             summary.seconds = time.monotonic() - started
-            run_json.packing = scheduler.packing_report()  # never raises
-            scheduler.stop()
-            _restore_sigterm(previous)
+            try:  # an interrupted run stops at once: no waiting for the workers' counts
+                if not summary.interrupted:
+                    run_json.packing = scheduler.packing_report()  # never raises
+            finally:  # a second Ctrl-C while waiting still stops the workers
+                scheduler.stop()
+                _restore_sigterm(previous)
 
 
 def _install_sigterm() -> None:
