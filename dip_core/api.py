@@ -13,7 +13,15 @@ from .ensemble import combine
 from .errors import DipInputError
 from .fit import Callback, FitConfig, FitResult, StepHook, fit
 from .tasks import Problem, build_problem, get_task
-from .tiling import TileGrid, Tiling, blend_results, plan_grid, tile_problems, tile_seed
+from .tiling import (
+    TileGrid,
+    Tiling,
+    blend_results,
+    known_pixels,
+    plan_grid,
+    tile_problems,
+    tile_seed,
+)
 
 MAX_ITERATIONS = 1_000_000
 
@@ -83,7 +91,7 @@ def plan_restore(
 
     the_task = get_task(task)
     factor = the_task.output_scale(scale)
-    grid = plan_grid(the_task, problem, tiling, params, factor)
+    grid = plan_grid(the_task, problem, tiling, params, factor, known_pixels(inputs))
     if grid is None:
         fits = [(problem, config) for config in configs(seed)]
     else:

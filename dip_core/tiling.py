@@ -36,8 +36,10 @@ photo's (0.90x, 1.06x), and its error near the cut to 1.47x and 1.25x the image'
 **Preset and inputs.** The preset is resolved once, for the whole image (inpainting's variant
 from the whole mask), and every tile runs it; the stopping rule's noise floor is the whole
 image's too. The mask and the flash guide are cropped with the image, the reference (output
-sized) with the output tile. An inpainting tile with no known pixel fails the job: a hole
-larger than a tile cannot be filled tile by tile.
+sized) with the output tile. A hole larger than a tile cannot be filled tile by tile: when
+an inpainting tile would hold no known pixel, the tiles are doubled (size and margin) until
+every tile holds one or the image is fitted whole, as long as the memory limit allows; beyond
+it the job fails, naming the tile.
 
 **Seeds.** Tile t's fits use ``tile_seed(seed, t) + m`` for ensemble member m, with
 ``tile_seed(seed, t) = seed + t * TILE_SEED_STRIDE`` (2**20, far above the 64 members an
@@ -233,9 +235,16 @@ def tile_seed(seed: int, index: int) -> int:
 
 
 def plan_grid(
-    task: Task, whole: Problem, tiling: Tiling | None, params: dict | None, factor: int
+    task: Task,
+    whole: Problem,
+    tiling: Tiling | None,
+    params: dict | None,
+    factor: int,
+    known: torch.Tensor | None = None,
 ) -> TileGrid | None:
-    """The job's tiles, or None to fit it whole (the rules are the module docstring's)."""
+    """The job's tiles, or None to fit it whole (the rules are the module docstring's).
+    ``known``: an inpainting mask's known pixels, (1, H, W) bool; a tile without any (a
+    hole larger than a tile) doubles the tiles while memory allows."""
     if tiling is None or not task.tileable:
         return None
     height, width = whole.placement.height // factor, whole.placement.width // factor
@@ -261,9 +270,39 @@ def plan_grid(
                 f"{need / 2**30:.2f} GiB to fit, more than the {limit / 2**30:.2f} GiB limit"
             )
         size, margin = size // 2, margin // 2
-    if height <= size and width <= size:
+    while height > size or width > size:
+        grid = TileGrid.for_image(height, width, size, margin, task.tile_halo(params or {}))
+        hole = _tile_without_known_pixel(grid, known)
+        if hole is None:
+            return grid
+        if limit is not None and estimate(min(2 * size, height), min(2 * size, width)) > limit:
+            raise DipInputError(
+                f"{_describe(hole)} has no known pixel, and tiles larger than {size} px would "
+                f"not fit the {limit / 2**30:.2f} GiB memory limit: a hole larger than a tile "
+                "cannot be filled tile by tile")  # fmt: skip
+        size, margin = 2 * size, 2 * margin
+    return None
+
+
+def known_pixels(inputs: dict[str, torch.Tensor | None]) -> torch.Tensor | None:
+    """(1, H, W) bool: the pixels an inpainting mask marks known; None without a mask."""
+    mask = inputs.get("mask")
+    return None if mask is None else as_image(mask, "mask")[:1] > 0.5
+
+
+def _tile_without_known_pixel(grid: TileGrid, known: torch.Tensor | None) -> Tile | None:
+    if known is None:
         return None
-    return TileGrid.for_image(height, width, size, margin, task.tile_halo(params or {}))
+    for tile in grid.tiles:
+        rows, cols = tile.box()
+        if not known[:, rows, cols].any():
+            return tile
+    return None
+
+
+def _describe(tile: Tile) -> str:
+    return (f"tile {tile.index} (rows {tile.top}-{tile.top + tile.height - 1}, columns "
+            f"{tile.left}-{tile.left + tile.width - 1})")  # fmt: skip
 
 
 def tile_problems(
@@ -278,17 +317,13 @@ def tile_problems(
     """One Problem per tile, in tile order: the inputs cropped (the reference in output
     space), the whole image's preset and noise floor."""
     factor = task.output_scale(scale)
-    mask = inputs.get("mask")
-    known = None if mask is None else as_image(mask, "mask")[:1] > 0.5
     problems = []
+    hole = _tile_without_known_pixel(grid, known_pixels(inputs))
+    if hole is not None:  # plan_grid grows tiles past holes: only a grid made elsewhere
+        raise DipInputError(f"{_describe(hole)} has no known pixel: a hole larger than a "
+                            "tile cannot be filled tile by tile")  # fmt: skip
     for tile in grid.tiles:
         rows, cols = tile.box()
-        if known is not None and not known[:, rows, cols].any():
-            raise DipInputError(
-                f"tile {tile.index} (rows {tile.top}-{tile.top + tile.height - 1}, columns "
-                f"{tile.left}-{tile.left + tile.width - 1}) has no known pixel: a hole larger "
-                "than a tile cannot be filled tile by tile; use larger tiles (dippipe run "
-                "--tile) or none (--tile 0, if the whole image fits the device)")  # fmt: skip
         given = {}
         for role, value in inputs.items():
             if value is not None:

@@ -316,9 +316,15 @@ def test_inpainting_tiles_run_the_whole_masks_variant_and_refuse_an_empty_tile()
     assert all(problem.preset == whole_variant for problem, _ in plan.fits)
     # Alone, the tile away from the hole would have picked another variant.
     assert classify_mask(mask[48:, 48:]) != classify_mask(mask) == "large_hole"
-    mask[:48, :48] = 0  # a hole covering tile 0 entirely
-    with pytest.raises(DipInputError, match="no known pixel"):
-        plan_restore("inpaint", image, mask=mask, tiling=Tiling(48, 8))
+    mask[:48, :48] = 0  # a hole covering tile 0 entirely: tiles twice as large cover it
+    grown = plan_restore("inpaint", image, mask=mask, tiling=Tiling(48, 8))
+    assert grown.grid is None and grown.tiles == 1  # 96 px tiles: the image, fitted whole
+    spec = plan_restore("inpaint", image, mask=mask, params=SMALL).problem.spec
+    tile = Placement.for_target(48, 48, spec.minimum_side(), 2**spec.depth)
+    limit = fit_bytes(spec, tile.padded_height, tile.padded_width)  # 48 px fit, no more
+    with pytest.raises(DipInputError, match=r"no known pixel.*memory limit"):
+        plan_restore("inpaint", image, mask=mask, params=SMALL,
+                     tiling=Tiling(48, 8, memory_limit=limit))  # fmt: skip
 
 
 @pytest.mark.slow
