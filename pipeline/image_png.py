@@ -19,12 +19,19 @@ long-tested there); 16-bit ones by imagecodecs, which Pillow cannot do (it trunc
 RGB to 8 bits). imagecodecs expands a tRNS colour key to an alpha channel.
 
 Metadata: imagecodecs' encoder writes IHDR, IDAT and IEND only, so :func:`add_chunks` inserts
-the metadata chunks right after IHDR (before IDAT, where the PNG spec wants iCCP and pHYs and
-where readers look for eXIf): iCCP (the ICC profile, zlib-compressed), pHYs (DPI, in pixels
-per metre), eXIf (the TIFF-structured EXIF without Pillow's "Exif\\0\\0" prefix) and an iTXt
-``XML:com.adobe.xmp`` (XMP, uncompressed UTF-8, as Adobe writes it). A chunk is length, type,
+the metadata chunks right after IHDR (before IDAT, where the PNG spec wants iCCP, pHYs, gAMA,
+cHRM and sRGB and where readers look for eXIf): iCCP (the ICC profile, zlib-compressed), pHYs
+(DPI, in pixels per metre), eXIf (the TIFF-structured EXIF without Pillow's "Exif\\0\\0"
+prefix), an iTXt ``XML:com.adobe.xmp`` (XMP, uncompressed UTF-8, as Adobe writes it), the
+source's CARRIED_CHUNKS as they were (text chunks, gAMA, cHRM, sRGB) and a tEXt ``Software``
+"dippipe" (the source's Software text is superseded, as in a TIFF). A chunk is length, type,
 data, CRC-32 of type + data: a dozen lines here instead of a second PNG codec (pypng, slow)
 only for its chunk API. PNG has no registered IPTC chunk: IPTC is reported as dropped.
+
+Reading: Pillow reads IHDR, PLTE, tRNS, iCCP, pHYs, eXIf and the XMP text into pixels and
+ImageMetadata fields; :func:`png_extras` walks the chunk list (lengths only, no pixel data
+touched) for CARRIED_CHUNKS and names every other ancillary chunk in a note ("PNG chunks not
+carried: bKGD, tIME"), as it does a pHYs pixel aspect ratio without a unit.
 """
 
 from __future__ import annotations
@@ -41,6 +48,12 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _IHDR_END = len(PNG_SIGNATURE) + 4 + 4 + 13 + 4  # signature, length, "IHDR", data, CRC
 _METRES_PER_INCH = 0.0254
 _Z_RLE, _FILTER_SUB = 3, 16  # zlib's Z_RLE strategy, libpng's PNG_FILTER_SUB flag
+# Ancillary chunks carried verbatim to a PNG output (named as dropped by a TIFF output).
+CARRIED_CHUNKS = frozenset({b"tEXt", b"zTXt", b"iTXt", b"gAMA", b"cHRM", b"sRGB"})
+# Chunks read into the pixels or ImageMetadata's fields (by Pillow or imagecodecs).
+_READ_CHUNKS = frozenset({b"IHDR", b"PLTE", b"IDAT", b"IEND", b"tRNS", b"iCCP", b"pHYs", b"eXIf"})
+_XMP_KEYWORD, _SOFTWARE = b"XML:com.adobe.xmp", b"Software"  # read as xmp; superseded
+_TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
 
 
 def png_bit_depth(data: bytes) -> int | None:
@@ -75,6 +88,46 @@ def encode_png_samples(samples: np.ndarray) -> bytes:
     return bytes(imagecodecs.png_encode(array, level=1, strategy=_Z_RLE, filter=_FILTER_SUB))
 
 
+def png_extras(data: bytes) -> tuple[tuple[tuple[bytes, bytes], ...], tuple[str, ...]]:
+    """(the CARRIED_CHUNKS of a PNG file, as (type, data), notes naming what is not carried);
+    stops quietly where the chunk list is damaged (the pixel decoder reports that)."""
+    carried: list[tuple[bytes, bytes]] = []
+    lost: list[str] = []
+    notes: list[str] = []
+    view, at = memoryview(data), len(PNG_SIGNATURE)
+    while at + 8 <= len(data):
+        (length,) = struct.unpack_from(">I", data, at)
+        kind = bytes(view[at + 4 : at + 8])
+        body = view[at + 8 : at + 8 + length]
+        if not kind.isalpha() or len(body) < length or kind == b"IEND":
+            break
+        at += 12 + length
+        if kind == b"pHYs" and length == 9 and body[8] == 0:  # unit 0: an aspect ratio only
+            x, y = struct.unpack_from(">II", body)
+            if x != y:
+                notes.append(f"pixel aspect ratio {x}:{y} (pHYs without a unit) not carried")
+        elif kind in CARRIED_CHUNKS:
+            if chunk_keyword(kind, bytes(body[:80])) not in (_XMP_KEYWORD, _SOFTWARE):
+                carried.append((kind, bytes(body)))
+        elif kind not in _READ_CHUNKS:
+            lost.append(kind.decode("ascii"))
+    if lost:
+        notes.append("PNG chunks not carried: " + ", ".join(dict.fromkeys(lost)))
+    return tuple(carried), tuple(notes)
+
+
+def chunk_keyword(kind: bytes, data: bytes) -> bytes | None:
+    """A text chunk's keyword (up to its NUL); None for other chunks."""
+    return data.split(b"\x00", 1)[0] if kind in _TEXT_CHUNKS else None
+
+
+def chunk_label(kind: bytes, data: bytes) -> str:
+    """How a carried chunk is named in notes: ``tEXt Copyright``, ``gAMA``."""
+    keyword = chunk_keyword(kind, data)
+    name = kind.decode("ascii")
+    return name if keyword is None else f"{name} {keyword.decode('latin-1')}"
+
+
 def add_chunks(png: bytes, metadata: ImageMetadata) -> bytes:
     """The PNG with its metadata chunks inserted after IHDR (see the module docstring)."""
     chunks = []
@@ -92,8 +145,8 @@ def add_chunks(png: bytes, metadata: ImageMetadata) -> bytes:
         # keyword (each NUL-terminated), then the UTF-8 text
         header = b"XML:com.adobe.xmp\x00\x00\x00\x00\x00"
         chunks.append(_chunk(b"iTXt", header + metadata.xmp))
-    if not chunks:
-        return png
+    chunks += [_chunk(kind, data) for kind, data in metadata.png_chunks]
+    chunks.append(_chunk(b"tEXt", _SOFTWARE + b"\x00dippipe"))
     if png[12:16] != b"IHDR":
         raise ValueError("not a PNG with IHDR first")
     return png[:_IHDR_END] + b"".join(chunks) + png[_IHDR_END:]

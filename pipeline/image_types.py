@@ -28,6 +28,13 @@ class ImageMetadata:
     iptc: bytes | None = None  # raw IPTC-IIM records
     # What decoding did, in words, for the job's row ("rotated upright (EXIF orientation 6)").
     notes: tuple[str, ...] = ()
+    # Ancillary PNG chunks carried verbatim to a PNG output, (type, data): text, gAMA, cHRM,
+    # sRGB (image_png.CARRIED_CHUNKS); a TIFF output names them as dropped.
+    png_chunks: tuple[tuple[bytes, bytes], ...] = ()
+    # Descriptive TIFF tags carried to a TIFF output, (code, text or SHORTs): DocumentName,
+    # PageName, PageNumber, HostComputer (image_tiff.CARRIED_TAGS); a PNG output names them
+    # as dropped.
+    tiff_tags: tuple[tuple[int, str | tuple[int, ...]], ...] = ()
 
 
 @dataclass(frozen=True)

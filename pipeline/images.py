@@ -5,7 +5,8 @@ archivist's file holds. The public import point; the work is split by format:
   multi-page refused, orientation, MINISWHITE, palettes, planar-separate, alpha.
 - 16-bit PNG: imagecodecs' libpng (:mod:`pipeline.image_png`: 0.5 s to decode and 0.9 s to
   encode 4000x3000 RGB here, where pypng took ~9 s and ~3 s; figures and the choice against
-  OpenCV there). Pillow reads its metadata chunks without decoding pixels.
+  OpenCV there). Pillow reads its metadata chunks without decoding pixels; for every PNG,
+  image_png also keeps its text, gAMA, cHRM and sRGB chunks and names the other ones.
 - Everything else (8-bit PNG, JPEG, WebP, GIF, BMP, ...): Pillow.
 - Orientation, EXIF / XMP patching, CMYK -> sRGB through the embedded ICC profile:
   :mod:`pipeline.image_meta`.
@@ -14,8 +15,11 @@ Pixels come out upright (EXIF / XMP / TIFF orientation applied; a note says so),
 [0, 1], channels first, alpha split off (the method restores colour, never transparency) and
 handed back unchanged on write. :func:`encode_image` writes at the source's depth (8 -> 8,
 16 -> 16, float TIFF -> float32 TIFF; float asked for as PNG -> 16-bit PNG) and carries the
-ICC profile unchanged, DPI, EXIF (Orientation 1), XMP and IPTC where the format holds them;
-what it cannot hold is returned in ``EncodedImage.dropped``, never dropped silently.
+ICC profile unchanged, DPI, EXIF (Orientation 1), XMP and IPTC where the format holds them,
+and a PNG's own chunks (text, gAMA, cHRM, sRGB) to a PNG, a TIFF's descriptive tags
+(DocumentName, ...) to a TIFF; what it cannot hold is returned in ``EncodedImage.dropped``,
+never dropped silently. What no output can hold (an unknown PNG chunk, a GeoTIFF tag, a
+scanner's infrared sample) is named in ``metadata.notes`` when it is read.
 
 Decompression bombs: a few kilobytes can declare a gigapixel image. The declared size is read
 from the header and compared with ``max_pixels`` before any pixel is decoded, for every format
@@ -50,12 +54,14 @@ from pipeline.image_meta import (
 from pipeline.image_png import (
     PNG_SIGNATURE,
     add_chunks,
+    chunk_label,
     decode_png16,
     encode_png_samples,
     png_bit_depth,
+    png_extras,
     png_size,
 )
-from pipeline.image_tiff import decode_tiff, encode_tiff, is_tiff, tiff_size
+from pipeline.image_tiff import CARRIED_TAGS, decode_tiff, encode_tiff, is_tiff, tiff_size
 from pipeline.image_types import (
     DEFAULT_MAX_PIXELS,
     DecodedImage,
@@ -130,7 +136,7 @@ def decode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> De
     try:
         with Image.open(io.BytesIO(data)) as image:  # parses the header only
             check_pixels(image.size, max_pixels)
-            return _from_pillow(image, data if sixteen else None)
+            return _from_pillow(image, data, sixteen)
     except UnidentifiedImageError:
         raise ImageDecodeError("not a readable image (unknown format or corrupt file)") from None
     except ImageDecodeError:
@@ -186,16 +192,16 @@ def _metadata(info: Mapping[Any, Any]) -> ImageMetadata:
     )
 
 
-def _from_pillow(image: Image.Image, png16: bytes | None) -> DecodedImage:
-    """An opened (header-parsed) Pillow image -> DecodedImage; `png16`: the bytes of a
-    16-bit PNG, whose pixels imagecodecs decodes (Pillow would keep 8 of its bits)."""
+def _from_pillow(image: Image.Image, data: bytes, sixteen: bool) -> DecodedImage:
+    """An opened (header-parsed) Pillow image of `data` -> DecodedImage; `sixteen`: a 16-bit
+    PNG, whose pixels imagecodecs decodes (Pillow would keep 8 of its bits)."""
     fmt = (image.format or "unknown").lower()
     orientation, source = _orientation(image.info)  # before load: as image_size sees it
     notes: list[str] = []
     full: float | None
     converted = False
-    if png16 is not None:
-        samples = decode_png16(png16)
+    if sixteen:
+        samples = decode_png16(data)
         has_alpha, full, depth = samples.shape[2] in (2, 4), 65535.0, 16
     else:
         image.load()
@@ -203,6 +209,10 @@ def _from_pillow(image: Image.Image, png16: bytes | None) -> DecodedImage:
         if converted:
             notes.append(conversion_note(f"{image.mode} {fmt.upper()}"))
     metadata = _metadata(image.info)  # after load: chunks after the pixels count too
+    if fmt == "png":
+        chunks, lost = png_extras(data)
+        metadata = replace(metadata, png_chunks=chunks)
+        notes += lost
     if converted:
         metadata = replace(metadata, icc_profile=srgb_profile())
     if orientation != 1:
@@ -263,8 +273,9 @@ def encode_image(
     pixels: np.ndarray, alpha: np.ndarray | None, source: DecodedImage, fmt: str
 ) -> EncodedImage:
     """(C, H, W) floats in [0, 1] (+ optional (H, W) alpha) -> a PNG or TIFF at the source's
-    depth, with the source's ICC profile (unchanged), DPI, EXIF (Orientation 1), XMP and
-    IPTC where the format holds them; ``dropped`` names what it could not hold."""
+    depth, with the source's ICC profile (unchanged), DPI, EXIF (Orientation 1), XMP, IPTC,
+    PNG chunks and TIFF tags where the format holds them; ``dropped`` names what it could
+    not hold."""
     if fmt not in _EXTENSIONS:
         raise ValueError(f"unknown image format {fmt!r}; expected 'png' or 'tiff'")
     dropped: list[str] = []
@@ -285,12 +296,18 @@ def encode_image(
             dropped.append("float samples (16-bit PNG output)")
         if metadata.iptc:
             dropped.append("IPTC (PNG output)")
+        if metadata.tiff_tags:
+            names = dict.fromkeys(CARRIED_TAGS[code] for code, _ in metadata.tiff_tags)
+            dropped.append(f"TIFF tags {', '.join(names)} (PNG output)")
         samples = to_samples(pixels, alpha, _SAMPLE_TYPES[depth])
         data = add_chunks(encode_png_samples(samples), metadata)
     else:
         samples = to_samples(pixels, alpha, _SAMPLE_TYPES.get(source.bit_depth, np.uint16))
         data, lost = encode_tiff(samples, alpha is not None, metadata)
         dropped += lost
+        if metadata.png_chunks:
+            names = dict.fromkeys(chunk_label(kind, body) for kind, body in metadata.png_chunks)
+            dropped.append(f"PNG chunks {', '.join(names)} (TIFF output)")
     return EncodedImage(data, _EXTENSIONS[fmt], tuple(dropped))
 
 

@@ -1,5 +1,6 @@
 """Archivists' files through decode_image / encode_image: depth, orientation, colour profiles,
-resolution, EXIF / XMP / IPTC, multi-page and float TIFF, decompression bombs. Every file is
+resolution, EXIF / XMP / IPTC, multi-page and float TIFF, decompression bombs, extra samples,
+palettes, PNG chunks and TIFF tags (carried or named), damaged TIFFs. Every file is
 made here (tifffile, Pillow, imagecodecs, or by hand) and every expected value comes from
 numpy arrays built here or from tifffile / Pillow reading back what was written."""
 
@@ -16,7 +17,7 @@ import imagecodecs
 import numpy as np
 import pytest
 import tifffile
-from PIL import Image, ImageCms, ImageOps
+from PIL import Image, ImageCms, ImageOps, PngImagePlugin
 
 from pipeline.images import (
     DecodedImage,
@@ -493,3 +494,206 @@ def test_writer_metadata_is_not_taken_for_exif_and_a_mismatched_profile_is_repor
     assert encoded.dropped == ("ICC profile (a RGB profile for a 1-channel image)",)
     with Image.open(io.BytesIO(encoded.data)) as image:
         assert "icc_profile" not in image.info
+
+
+# ---- resolution units, extra samples, palettes ------------------------------------------------
+
+
+def _pillow_dpi(data: bytes) -> tuple[float, float] | None:
+    with Image.open(io.BytesIO(data)) as image:
+        return image.info.get("dpi")
+
+
+def test_resolution_unit_none_means_no_dpi_and_other_units_are_converted_to_inch():
+    samples = _rgb16(6, 8, seed=20)
+    plain = io.BytesIO()
+    tifffile.imwrite(plain, samples)  # tifffile's default: 1/1 with ResolutionUnit none
+    with tifffile.TiffFile(io.BytesIO(plain.getvalue())) as tif:
+        assert tif.pages[0].resolutionunit == tifffile.RESUNIT.NONE
+    decoded = decode_image(plain.getvalue())
+    assert decoded.metadata.dpi is None and decoded.metadata.notes == ()
+    with Image.open(io.BytesIO(encode_image(decoded.pixels, None, decoded, "png").data)) as png:
+        assert "dpi" not in png.info and "aspect" not in png.info  # no pHYs at all
+
+    per_cm = _tiff(samples, resolution=(100, 50), resolutionunit="CENTIMETER")
+    assert decode_image(per_cm).metadata.dpi == pytest.approx(_pillow_dpi(per_cm))
+    no_unit_tag = _pillow(Image.new("RGB", (8, 6)), "TIFF", tiffinfo={282: 300, 283: 300})
+    assert 296 not in _read_tiff(no_unit_tag)[1]  # TIFF's default unit: inch
+    assert decode_image(no_unit_tag).metadata.dpi == _pillow_dpi(no_unit_tag) == (300, 300)
+    aspect = decode_image(_tiff(samples, resolution=(1, 2), resolutionunit="NONE"))
+    assert aspect.metadata.dpi is None
+    assert aspect.metadata.notes == (
+        "pixel aspect ratio 1:2 (resolution without a unit) not carried",
+    )
+
+
+def test_a_png_without_dpi_becomes_a_tiff_without_dpi():
+    png = decode_image(encode_png(np.random.default_rng(21).random((3, 6, 8)).astype(np.float32)))
+    assert png.metadata.dpi is None
+    as_tiff = encode_image(png.pixels, None, png, "tiff").data
+    _, tags = _read_tiff(as_tiff)
+    assert tags[296] == tifffile.RESUNIT.NONE  # the baseline tags, saying "no unit"
+    assert _pillow_dpi(as_tiff) is None and decode_image(as_tiff).metadata.dpi is None
+
+
+def test_only_samples_labelled_alpha_are_alpha_an_infrared_channel_is_noted_not_carried():
+    rgb, extra = _rgb16(10, 12, seed=22), _rgb16(10, 12, seed=23)
+    infrared = _tiff(
+        np.dstack([rgb, extra[:, :, 0]]), photometric="rgb", extrasamples=["unspecified"]
+    )
+    decoded = decode_image(infrared)
+    assert decoded.alpha is None and np.array_equal(_as_uint16(decoded), rgb)
+    assert decoded.metadata.notes == ("extra sample 4 (unspecified, e.g. infrared) not carried",)
+    written, tags = _read_tiff(encode_image(decoded.pixels, None, decoded, "tiff").data)
+    assert np.array_equal(written, rgb) and 338 not in tags  # no ExtraSamples: no alpha
+
+    rgba_ir = np.dstack([rgb, extra[:, :, :2]])  # alpha, then infrared
+    decoded = decode_image(_tiff(
+        rgba_ir, photometric="rgb", extrasamples=["unassalpha", "unspecified"]
+    ))  # fmt: skip
+    assert np.array_equal(_as_uint16(decoded), rgb)
+    assert np.array_equal(np.rint(decoded.alpha * 65535).astype(np.uint16), extra[:, :, 0])
+    assert decoded.metadata.notes == ("extra sample 5 (unspecified, e.g. infrared) not carried",)
+
+
+def test_associated_alpha_is_un_premultiplied_and_written_as_unassociated():
+    rng = np.random.default_rng(24)
+    colour = rng.random((8, 10, 3)).astype(np.float32)
+    alpha = rng.uniform(0.2, 1.0, (8, 10)).astype(np.float32)
+    premultiplied = np.dstack([colour * alpha[:, :, None], alpha])
+    decoded = decode_image(_tiff(premultiplied, photometric="rgb", extrasamples=["assocalpha"]))
+    assert np.allclose(decoded.pixels.transpose(1, 2, 0), colour, atol=1e-6)
+    assert "un-premultiplied its associated alpha (written as unassociated alpha)" in (
+        decoded.metadata.notes
+    )
+    _, tags = _read_tiff(encode_image(decoded.pixels, decoded.alpha, decoded, "tiff").data)
+    assert tags[338] == (tifffile.EXTRASAMPLE.UNASSALPHA,)
+
+
+def test_palette_tiffs_written_by_pillow_and_by_old_writers_decode_as_8_bit():
+    indices = np.random.default_rng(25).integers(0, 256, (12, 16), dtype=np.uint8)
+    colours = np.random.default_rng(26).integers(0, 256, (256, 3), dtype=np.uint8)
+    image = Image.fromarray(indices, "P")
+    image.putpalette(colours.tobytes())
+    data = _pillow(image, "TIFF")  # Pillow writes its colour map as v * 256
+    with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        assert np.array_equal(tif.pages[0].colormap, colours.T.astype(np.uint16) * 256)
+    decoded = decode_image(data)
+    assert decoded.bit_depth == 8
+    assert np.array_equal(_as_uint8(decoded), np.asarray(image.convert("RGB")))
+
+    old = colours.T.astype(np.uint16)  # entries 0..255 as they are (libtiff reads 8-bit)
+    decoded = decode_image(_tiff(indices, photometric="palette", colormap=old))
+    assert decoded.bit_depth == 8 and np.array_equal(_as_uint8(decoded), colours[indices])
+
+
+# ---- metadata a format cannot carry is named --------------------------------------------------
+
+
+def _png_with_chunks(image: Image.Image) -> bytes:
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Copyright", "(c) Archive")
+    info.add_text("Description", "Harbour at dusk, " * 20, zip=True)  # zTXt
+    info.add_itxt("Title", "Hafen in der Dämmerung", lang="de", tkey="Titel")
+    info.add_text("Software", "ScanTool 2")
+    info.add(b"gAMA", struct.pack(">I", 45455))
+    info.add(b"sRGB", b"\x00")
+    info.add(b"bKGD", b"\x00\x01" if image.mode == "I;16" else b"\x00\x01\x00\x02\x00\x03")
+    info.add(b"tEXt", b"Comment\x00after the pixels", after_idat=True)
+    return _pillow(image, "PNG", pnginfo=info)
+
+
+@pytest.mark.parametrize("depth", [8, 16])
+def test_png_text_gamma_and_srgb_chunks_reach_a_png_and_are_named_by_a_tiff(depth):
+    rng = np.random.default_rng(27)
+    if depth == 8:
+        image = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8))
+    else:
+        image = Image.fromarray(rng.integers(0, 65536, (6, 8), dtype=np.uint16)).convert("I;16")
+    data = _png_with_chunks(image)
+    with Image.open(io.BytesIO(data)) as source:
+        source.load()
+        text, gamma, srgb = dict(source.text), source.info["gamma"], source.info["srgb"]
+    assert data[24] == depth and text["Comment"] == "after the pixels"
+    decoded = decode_image(data)
+    assert decoded.bit_depth == depth
+    assert decoded.metadata.notes == ("PNG chunks not carried: bKGD",)
+
+    png = encode_image(decoded.pixels, None, decoded, "png")
+    assert png.dropped == ()
+    with Image.open(io.BytesIO(png.data)) as written:
+        written.load()
+        assert dict(written.text) == {**text, "Software": "dippipe"}
+        assert written.text["Title"].lang == "de" and written.text["Title"].tkey == "Titel"
+        assert (written.info["gamma"], written.info["srgb"]) == (gamma, srgb)
+    assert decode_image(png.data).metadata.png_chunks == decoded.metadata.png_chunks
+
+    tiff = encode_image(decoded.pixels, None, decoded, "tiff")
+    assert tiff.dropped == (
+        "PNG chunks tEXt Copyright, zTXt Description, iTXt Title, gAMA, sRGB, tEXt Comment "
+        "(TIFF output)",
+    )
+
+
+def test_descriptive_tiff_tags_reach_a_tiff_and_geotiff_and_private_tags_are_named():
+    samples = _rgb16(6, 8, seed=28)
+    geo = [
+        (33550, 12, 3, (0.5, 0.5, 0.0), True),  # ModelPixelScaleTag
+        (33922, 12, 6, (0, 0, 0, 350000.0, 5800000.0, 0), True),  # ModelTiepointTag
+        (34735, 3, 8, (1, 1, 0, 1, 1024, 0, 1, 1), True),  # GeoKeyDirectoryTag
+        (65000, 1, 4, b"\x01\x02\x03\x04", True),  # a private tag
+    ]
+    data = _tiff(samples, photometric="rgb", extratags=[
+        (269, "s", 0, "Harbour album, box 12", True), (285, "s", 0, "plate 7", True),
+        (297, "H", 2, (6, 40), True), *geo,
+    ])  # fmt: skip
+    decoded = decode_image(data)
+    names = ", ".join(tifffile.TIFF.TAGS.get(code, str(code)) for code, *_ in geo)
+    assert decoded.metadata.notes == (f"TIFF tags not carried: {names}",)
+
+    tiff = encode_image(decoded.pixels, None, decoded, "tiff")
+    assert tiff.dropped == ()
+    _, tags = _read_tiff(tiff.data)
+    assert (tags[269], tags[285], tags[297]) == ("Harbour album, box 12", "plate 7", (6, 40))
+    assert tags[305] == "dippipe" and not {33550, 33922, 34735, 65000} & set(tags)
+    png = encode_image(decoded.pixels, None, decoded, "png")
+    assert png.dropped == ("TIFF tags DocumentName, PageName, PageNumber (PNG output)",)
+
+
+# ---- damage: a broken private tag, a file cut short -------------------------------------------
+
+
+def _with_tag_value_beyond_the_end(data: bytes, code: int) -> bytes:
+    """The TIFF with tag `code`'s value offset pointing past the end of the file."""
+    with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        entry = tif.pages[0].tags[code].offset  # the 12-byte IFD entry
+    broken = bytearray(data)
+    struct.pack_into("<I", broken, entry + 8, len(data) + 1000)
+    return bytes(broken)
+
+
+def test_one_unreadable_private_tag_is_noted_and_the_image_still_read():
+    samples = _rgb16(6, 8, seed=29)
+    data = _tiff(samples, photometric="rgb", extratags=[(65000, 1, 100, bytes(100), True)])
+    broken = _with_tag_value_beyond_the_end(data, 65000)
+    with tifffile.TiffFile(io.BytesIO(broken)) as tif:
+        expected = tif.pages[0].asarray()  # tifffile reads the pixels, logging the tag
+    decoded = decode_image(broken)
+    assert np.array_equal(_as_uint16(decoded), expected) and np.array_equal(expected, samples)
+    assert decoded.metadata.notes == ("ignored unreadable TIFF tag 65000",)
+    assert image_size(broken) == (8, 6)
+
+    layout = _with_tag_value_beyond_the_end(data, 258)  # BitsPerSample (3 SHORTs)
+    with pytest.raises(ImageDecodeError, match=r"not a readable TIFF.*TiffTag 258"):
+        decode_image(layout)
+
+
+def test_a_tiff_cut_short_is_reported_as_truncated():
+    rgb = (np.random.default_rng(30).random((64, 64, 3)) * 255).astype(np.uint8)
+    ifd_last = _pillow(Image.fromarray(rgb), "TIFF", compression="tiff_adobe_deflate")
+    ifd_first = _tiff(_rgb16(64, 64), photometric="rgb", compression="zlib")
+    for data in (ifd_last, ifd_first):
+        with pytest.raises(ImageDecodeError, match=r"not a readable TIFF \(truncated"):
+            decode_image(data[: len(data) // 2])
+    with pytest.raises(ImageDecodeError, match="its first IFD is at byte"):
+        image_size(ifd_last[: len(ifd_last) // 2])
