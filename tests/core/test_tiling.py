@@ -14,6 +14,7 @@ import torch
 from skimage import data
 from torch import nn
 
+from benchmarks.tiling import ramp_pairs, seam_ratio  # the benchmark's seam measure
 from dip_core import (
     TASKS,
     DipInputError,
@@ -447,32 +448,6 @@ def test_tiled_denoising_is_as_good_as_the_whole_fit(denoised):
     assert tiled.iterations == 4 * QUALITY_STEPS
 
 
-def seam_pairs(grid: TileGrid):
-    """(H, W - 1), (H - 1, W) masks of neighbouring-pixel pairs touching a blend ramp,
-    from the tiles' positions: each overlap's centre, ramp / 2 (at least 1/2 px) either side."""
-
-    def zone(starts, tile, length):
-        centres, inside = np.arange(length) + 0.5, np.zeros(length, bool)
-        for a, b in pairwise(starts):
-            inside |= np.abs(centres - (a + b + tile) / 2) <= max(grid.ramp, 1) / 2
-        return inside
-
-    across = zone(grid.lefts, grid.tile_width, grid.width)
-    down = zone(grid.tops, grid.tile_height, grid.height)
-    horizontal = np.broadcast_to(across[:-1] | across[1:], (grid.height, grid.width - 1))
-    vertical = np.broadcast_to((down[:-1] | down[1:])[:, None], (grid.height - 1, grid.width))
-    return horizontal, vertical
-
-
-def seam_ratio(image: torch.Tensor, masks) -> float:
-    x = image.double().numpy()
-    dx, dy = np.diff(x, axis=2) ** 2, np.diff(x, axis=1) ** 2
-    horizontal, vertical = masks
-    inside = (dx[:, horizontal].sum() + dy[:, vertical].sum()) / (
-        x.shape[0] * (horizontal.sum() + vertical.sum()))  # fmt: skip
-    return float(inside / ((dx.sum() + dy.sum()) / (dx.size + dy.size)))
-
-
 @pytest.mark.slow
 def test_no_seam_shows_where_tiles_are_blended(denoised):
     """The mean squared difference of neighbouring pixels over the pairs in the blend ramps
@@ -484,7 +459,7 @@ def test_no_seam_shows_where_tiles_are_blended(denoised):
     fits differ pixel by pixel, seeds and context apart, by a few percent of it."""
     clean, _, whole, tiled = denoised
     grid = TileGrid.for_image(QUALITY_SIDE, QUALITY_SIDE, QUALITY_TILE, QUALITY_MARGIN)
-    masks = seam_pairs(grid)
+    masks = ramp_pairs(grid)
     assert masks[0].any() and masks[1].any()
     ratio = seam_ratio(tiled.image, masks)
     assert ratio <= 1.15
