@@ -68,6 +68,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from typing import BinaryIO
 
 import numpy as np
 import tifffile
@@ -160,14 +161,14 @@ class _ThreadErrors(logging.Handler):
 
 
 @contextmanager
-def _tiff_file(data: bytes) -> Iterator[tuple[tifffile.TiffFile, _ThreadErrors]]:
-    """An open TiffFile whose logged errors are collected; any other failure becomes an
-    ImageDecodeError."""
+def _tiff_file(data: bytes | BinaryIO) -> Iterator[tuple[tifffile.TiffFile, _ThreadErrors]]:
+    """An open TiffFile (on bytes, or a file object read on demand) whose logged errors are
+    collected; any other failure becomes an ImageDecodeError."""
     errors = _ThreadErrors()
     log = tifffile.logger()
     log.addHandler(errors)
     try:
-        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        with tifffile.TiffFile(io.BytesIO(data) if isinstance(data, bytes) else data) as tif:
             yield tif, errors
     except ImageDecodeError:
         raise
@@ -208,6 +209,8 @@ def _why_no_page(tif: tifffile.TiffFile, data: bytes) -> str:
     its IFD after the pixels, cut short), none at all, or only reduced images and masks."""
     if len(tif.pages):
         return "only reduced-resolution images or masks in it, no full-resolution image"
+    if not data:  # read from a file object: its bytes are not at hand
+        return "no image in it"
     big = data[2:4] in (b"+\x00", b"\x00+")
     at, size = (8, "Q") if big else (4, "I")
     order = "<" if data[:2] == b"II" else ">"
@@ -235,11 +238,13 @@ def _check_complete(page: tifffile.TiffPage, data: bytes) -> None:
         )
 
 
-def tiff_size(data: bytes) -> tuple[int, int]:
+def tiff_size(data: bytes | BinaryIO) -> tuple[int, int]:
     """Displayed (width, height), orientation applied; raises ImageDecodeError when `data`
-    (the first bytes of a file) does not hold the whole IFD chain."""
+    (the first bytes of a file) does not hold the whole IFD chain. Given a file object
+    instead (e.g. fsspec's, which reads ranges on demand), it reads the IFDs wherever they
+    lie, and nothing of the pixels."""
     with _tiff_file(data) as (tif, errors):
-        page = _the_page(tif, errors, data)
+        page = _the_page(tif, errors, data if isinstance(data, bytes) else b"")
         size = (page.imagewidth, page.imagelength)
         orientation = int(page.tags.valueof(274, 1) or 1)
         errors.check()

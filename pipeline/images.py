@@ -34,7 +34,7 @@ from __future__ import annotations
 import io
 from collections.abc import Mapping
 from dataclasses import replace
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -123,6 +123,19 @@ def image_size(head: bytes, max_pixels: int | None = None) -> tuple[int, int]:
         raise
     except Exception as error:  # codecs raise many kinds (struct.error, EOFError, ...)
         raise ImageDecodeError(f"not a readable image ({reason(error)})") from None
+
+
+def image_size_from_file(file: BinaryIO, max_pixels: int | None = None) -> tuple[int, int]:
+    """``image_size`` from a file object that reads on demand (fsspec's: ranged reads), for
+    headers that are not at the start: a TIFF's IFDs, which libtiff writes after the pixels,
+    are found wherever they lie without reading the pixels."""
+    head = file.read(32)
+    file.seek(0)
+    if is_tiff(head):
+        size = tiff_size(file)
+        check_pixels(size, max_pixels)
+        return size
+    return image_size(file.read(), max_pixels)
 
 
 def decode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> DecodedImage:

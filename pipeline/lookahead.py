@@ -17,10 +17,11 @@ to drain), never a result. An image the worker will cut into tiles (``WorkerConf
 > 0 and more pixels than ``tile_above``) is keyed by the tile size instead: all its tiles, and
 those of every other such image, share one bucket. The worker also tiles by its memory, which
 the driver does not model: such images keep their own size as key. A header that cannot be
-read or parsed (missing file, corrupt or too short a head, any storage error; also a TIFF
-whose directory lies past the first 64 KiB, as libtiff writes compressed files: a second ranged
-read there is left to do) gives the key :data:`UNKNOWN`: the job matches no other and is still
-run (its worker reports what is wrong with it, if anything); the run never fails for a header.
+read or parsed (missing file, corrupt file, any storage error) gives the key
+:data:`UNKNOWN`; a header beyond the first 64 KiB (a TIFF's directory, which libtiff writes
+after the pixels) is found by a second look that reads ranges on demand. An UNKNOWN job
+matches no other and is still run (its worker reports what is wrong with it, if anything):
+the run never fails for a header.
 
 Picking (:meth:`Lookahead.pick`), for a free lane of a worker:
 
@@ -57,7 +58,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pipeline.images import image_size
+from pipeline.images import ImageDecodeError, image_size, image_size_from_file
 from pipeline.manifest import Job
 from pipeline.storage import Storage
 
@@ -169,7 +170,12 @@ def read_key(storage: Storage, job: Job, config: WorkerConfig) -> Hashable:
     if not job.image:
         return UNKNOWN
     try:
-        return job_key(job, image_size(storage.read_head(job.image)), config)
+        try:
+            size = image_size(storage.read_head(job.image))
+        except ImageDecodeError:  # e.g. a TIFF whose IFD lies after its pixels
+            with storage.open_read(job.image) as file:
+                size = image_size_from_file(file)
+        return job_key(job, size, config)
     except Exception:  # ImageDecodeError, a missing file, storage errors: never fail the run
         return UNKNOWN
 

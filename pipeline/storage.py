@@ -162,6 +162,12 @@ class Storage:
         fs, path = self.resolve(uri)
         return self._retrying(f"read {uri}", lambda: fs.cat_file(path, start=0, end=size))
 
+    def open_read(self, uri: str, block_size: int = HEADER_BYTES) -> Any:
+        """A file object that reads `block_size` ranges on demand (a header found anywhere in
+        a large object, without downloading it). Only the open is retried, not its reads."""
+        fs, path = self.resolve(uri)
+        return self._retrying(f"open {uri}", lambda: fs.open(path, "rb", block_size=block_size))
+
     def write_bytes(self, uri: str, data: bytes) -> None:
         """Write so the target appears whole or not at all."""
         fs, path = self.resolve(uri)

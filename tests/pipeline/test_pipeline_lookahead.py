@@ -140,6 +140,24 @@ def test_read_key_from_headers_and_unknown_when_unreadable(tmp_path: Path):
     assert read_key(storage, _job("none"), config) is UNKNOWN
 
 
+def test_read_key_finds_a_tiff_directory_written_after_the_pixels(tmp_path: Path):
+    """libtiff (Pillow's compressed TIFFs) writes the IFD after the image data: beyond the
+    first 64 KiB of a noisy 300 x 200 scan. The key is still read (a second, ranged read)."""
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.storage import HEADER_BYTES
+    from pipeline.worker import WorkerConfig
+
+    noise = np.random.default_rng(0).integers(0, 256, (200, 300, 3), dtype=np.uint8)
+    path = tmp_path / "scan.tif"
+    Image.fromarray(noise).save(path, compression="tiff_lzw")
+    data = path.read_bytes()
+    assert int.from_bytes(data[4:8], "little") > HEADER_BYTES  # the IFD lies past the head
+    key = read_key(Storage(), _job("scan", str(path)), WorkerConfig(out=str(tmp_path)))
+    assert key[-2:] == (300, 200)
+
+
 def test_summarize_occupancy_over_workers():
     assert summarize([]) is None
     stats = [
