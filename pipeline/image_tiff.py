@@ -29,7 +29,7 @@ decoders here collect those records (this thread's only): an unreadable tag that
 lay out the pixels (a broken private tag) is skipped with a note ("ignored unreadable TIFF
 tag 65000"); anything else is an ImageDecodeError, so a damaged IFD chain is refused, and
 :func:`tiff_size` on the first bytes of a file whose IFD lies at its end fails, so
-``validate`` reads the whole file instead.
+``validate`` and the look-ahead then give it a file object that reads ranges on demand.
 
 Writing: Adobe deflate (compression 8) with a horizontal predictor (floating-point predictor
 for float32), zlib level 1, strips, one thread. At 4000x3000 16-bit RGB (72 MB of samples,

@@ -105,7 +105,7 @@ _ICC_SPACES = {1: b"GRAY", 3: b"RGB "}  # ICC header bytes 16-20: the data colou
 def image_size(head: bytes, max_pixels: int | None = None) -> tuple[int, int]:
     """Displayed (width, height), orientation applied, from the first bytes of a file (the
     header only). Raises ImageDecodeError when they do not hold the whole header (a TIFF whose
-    IFD is at its end, a big EXIF block): the caller then reads the whole file."""
+    IFD is at its end, a big EXIF block): the caller then tries ``image_size_from_file``."""
     if is_tiff(head):
         size = tiff_size(head)
         check_pixels(size, max_pixels)

@@ -13,7 +13,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from dip_core import COMPANION_ROLES, TASKS
-from pipeline.images import DEFAULT_MAX_PIXELS, ImageDecodeError, check_pixels, image_size
+from pipeline.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageDecodeError,
+    check_pixels,
+    image_size,
+    image_size_from_file,
+)
 from pipeline.manifest import (
     BATCH_ROWS,
     Job,
@@ -119,8 +125,10 @@ def _size_of(
             if len(head) < HEADER_BYTES:  # that was the whole file: it is unreadable
                 raise
             # A header longer than the first bytes (a big EXIF or ICC block, a TIFF whose
-            # IFD is at its end, a multi-page TIFF's later IFDs): read the whole file.
-            size = image_size(storage.read_bytes(uri))
+            # IFD is at its end, a multi-page TIFF's later IFDs): a TIFF's IFDs are read by
+            # ranges wherever they lie; any other file is read whole.
+            with storage.open_read(uri) as file:
+                size = image_size_from_file(file)
         check_pixels(size, max_pixels)
         return size, None
     except FileNotFoundError:

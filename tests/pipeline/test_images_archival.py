@@ -361,7 +361,7 @@ def test_declared_sizes_are_checked_before_decoding_tiff_and_16_bit_png():
     assert time.perf_counter() - started < 5 and growth_mb < 64  # nothing big was decoded
 
 
-def test_a_tiff_with_its_ifd_at_the_end_is_sized_by_validate_from_the_whole_file(tmp_path):
+def test_a_tiff_with_its_ifd_at_the_end_is_sized_by_validate_reading_it_by_ranges(tmp_path):
     width, height = 400, 300  # 120 kB of samples: the IFD lies beyond the 64 KiB head
     grey = np.random.default_rng(12).integers(0, 256, (height, width), dtype=np.uint8)
     data = _tiff_by_hand(width, height, zlib.compress(grey.tobytes(), 0), ifd_at_end=True)
