@@ -15,9 +15,10 @@ in that dimension (not tiled there): so all tiles of a job share one network and
 size, and pack together (fit.py buckets by spec and padded size). Along a side of L > size
 pixels, n = 1 + ceil((L - size) / (size - o)) tiles are spread evenly from 0 to L - size (the
 first starts at the border, the last ends at it; no tile is shrunk), o = ``margin`` + 2 * halo
-being the least overlap of two neighbours; halo is the task's ``Task.tile_halo`` (deblurring:
-the kernel's radius, which a tile's edge pixels cannot see past; 0 otherwise). Tiles are
-numbered row by row.
+being the least overlap of two neighbours; halo is the task's ``Task.tile_halo``, how far its
+operator reaches past a tile's edge, which the tile cannot see (deblurring: the kernel's
+radius; super-resolution: the downsampler's support, in low-resolution pixels; 0
+otherwise). Tiles are numbered row by row.
 
 **Blend.** A tile's weight is separable, w(y) w(x). Along each axis, two neighbours hand over
 at the centre of their overlap, with a raised cosine (sin^2 / cos^2, summing to one) over
@@ -38,8 +39,8 @@ from the whole mask), and every tile runs it; the stopping rule's noise floor is
 image's too. The mask and the flash guide are cropped with the image, the reference (output
 sized) with the output tile. A hole larger than a tile cannot be filled tile by tile: when
 an inpainting tile would hold no known pixel, the tiles are doubled (size and margin) until
-every tile holds one or the image is fitted whole, as long as the memory limit allows; beyond
-it the job fails, naming the tile.
+every tile holds one or the image is fitted whole, as long as ``memory_limit`` allows (with
+none, up to the whole image); beyond it the job fails, naming the tile.
 
 **Seeds.** Tile t's fits use ``tile_seed(seed, t) + m`` for ensemble member m, with
 ``tile_seed(seed, t) = seed + t * TILE_SEED_STRIDE`` (2**20, far above the 64 members an

@@ -119,6 +119,13 @@ def upright_size(size: tuple[int, int], orientation: int) -> tuple[int, int]:
     return (size[1], size[0]) if orientation in (5, 6, 7, 8) else size
 
 
+def upright_dpi(dpi: tuple[float, float] | None, orientation: int) -> tuple[float, float] | None:
+    """The displayed (x, y) resolution of a stored one: swapped with the axes."""
+    if dpi is None or orientation not in (5, 6, 7, 8):
+        return dpi
+    return dpi[1], dpi[0]
+
+
 def rotation_note(orientation: int, source: str) -> str:
     return f"rotated upright ({source} orientation {orientation})"
 

@@ -83,6 +83,7 @@ from pipeline.image_meta import (
     orient,
     rotation_note,
     srgb_profile,
+    upright_dpi,
     upright_size,
 )
 from pipeline.image_types import (
@@ -380,6 +381,7 @@ def _decoded(
         metadata = replace(metadata, icc_profile=srgb_profile())
     if orientation != 1:
         samples = orient(samples, orientation)
+        metadata = replace(metadata, dpi=upright_dpi(metadata.dpi, orientation))
         notes.append(rotation_note(orientation, "TIFF"))
     if full is None:
         _check_float_range(samples)

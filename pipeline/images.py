@@ -46,6 +46,7 @@ from pipeline.image_meta import (
     orient,
     rotation_note,
     srgb_profile,
+    upright_dpi,
     upright_exif,
     upright_size,
     upright_xmp,
@@ -87,9 +88,11 @@ __all__ = [
     "encode_image",
     "encode_png",
     "image_size",
+    "is_tiff",
     "output_format",
     "png_bit_depth",
     "resize_plane",
+    "tiff_size_from_file",
 ]
 
 Image.MAX_IMAGE_PIXELS = None  # ours instead (see the module docstring)
@@ -105,7 +108,8 @@ _ICC_SPACES = {1: b"GRAY", 3: b"RGB "}  # ICC header bytes 16-20: the data colou
 def image_size(head: bytes, max_pixels: int | None = None) -> tuple[int, int]:
     """Displayed (width, height), orientation applied, from the first bytes of a file (the
     header only). Raises ImageDecodeError when they do not hold the whole header (a TIFF whose
-    IFD is at its end, a big EXIF block): the caller then tries ``image_size_from_file``."""
+    IFD is at its end, a big EXIF block): the caller then reads more (a TIFF:
+    ``tiff_size_from_file``)."""
     if is_tiff(head):
         size = tiff_size(head)
         check_pixels(size, max_pixels)
@@ -125,17 +129,13 @@ def image_size(head: bytes, max_pixels: int | None = None) -> tuple[int, int]:
         raise ImageDecodeError(f"not a readable image ({reason(error)})") from None
 
 
-def image_size_from_file(file: BinaryIO, max_pixels: int | None = None) -> tuple[int, int]:
-    """``image_size`` from a file object that reads on demand (fsspec's: ranged reads), for
-    headers that are not at the start: a TIFF's IFDs, which libtiff writes after the pixels,
-    are found wherever they lie without reading the pixels."""
-    head = file.read(32)
-    file.seek(0)
-    if is_tiff(head):
-        size = tiff_size(file)
-        check_pixels(size, max_pixels)
-        return size
-    return image_size(file.read(), max_pixels)
+def tiff_size_from_file(file: BinaryIO, max_pixels: int | None = None) -> tuple[int, int]:
+    """A TIFF's displayed size from a file object that reads on demand (fsspec's: ranged
+    reads): its IFDs, which libtiff writes after the pixels, are found wherever they lie,
+    and no pixel is read. For a TIFF whose first bytes did not hold them (``is_tiff``)."""
+    size = tiff_size(file)
+    check_pixels(size, max_pixels)
+    return size
 
 
 def decode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> DecodedImage:
@@ -230,6 +230,7 @@ def _from_pillow(image: Image.Image, data: bytes, sixteen: bool) -> DecodedImage
         metadata = replace(metadata, icc_profile=srgb_profile())
     if orientation != 1:
         samples = orient(samples, orientation)
+        metadata = replace(metadata, dpi=upright_dpi(metadata.dpi, orientation))
         notes.append(rotation_note(orientation, source))
     late = exif_orientation(metadata.exif)
     if source != "EXIF" and late not in (None, 1):

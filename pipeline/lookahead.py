@@ -58,7 +58,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pipeline.images import ImageDecodeError, image_size, image_size_from_file
+from pipeline.images import ImageDecodeError, image_size, is_tiff, tiff_size_from_file
 from pipeline.manifest import Job
 from pipeline.storage import Storage
 
@@ -170,11 +170,14 @@ def read_key(storage: Storage, job: Job, config: WorkerConfig) -> Hashable:
     if not job.image:
         return UNKNOWN
     try:
+        head = storage.read_head(job.image)
         try:
-            size = image_size(storage.read_head(job.image))
-        except ImageDecodeError:  # e.g. a TIFF whose IFD lies after its pixels
-            with storage.open_read(job.image) as file:
-                size = image_size_from_file(file)
+            size = image_size(head)
+        except ImageDecodeError:
+            if not is_tiff(head):
+                raise
+            with storage.open_read(job.image) as file:  # its IFD lies after its pixels
+                size = tiff_size_from_file(file)
         return job_key(job, size, config)
     except Exception:  # ImageDecodeError, a missing file, storage errors: never fail the run
         return UNKNOWN

@@ -292,7 +292,8 @@ def _restore_sigterm(previous) -> None:
 class _RunRecord:
     """OUT/run.json: configuration, versions, workers and counts. Never credentials.
 
-    ``packing`` (null when no worker packs fits, e.g. one lane each): ``mean_occupancy``, the
+    ``packing`` (null when no worker packs fits, e.g. one lane each, or the run was
+    interrupted): ``mean_occupancy``, the
     share of pack slots that held a fit over every packed step of every worker (1.0 = packs
     always full), ``mean_fits`` per step, ``steps``, ``workers``, ``lanes``, and
     ``lookahead`` (null when off): buffer size, fairness bound, picks, matched picks, picks

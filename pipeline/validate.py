@@ -18,7 +18,8 @@ from pipeline.images import (
     ImageDecodeError,
     check_pixels,
     image_size,
-    image_size_from_file,
+    is_tiff,
+    tiff_size_from_file,
 )
 from pipeline.manifest import (
     BATCH_ROWS,
@@ -124,11 +125,14 @@ def _size_of(
         except ImageDecodeError:
             if len(head) < HEADER_BYTES:  # that was the whole file: it is unreadable
                 raise
-            # A header longer than the first bytes (a big EXIF or ICC block, a TIFF whose
-            # IFD is at its end, a multi-page TIFF's later IFDs): a TIFF's IFDs are read by
-            # ranges wherever they lie; any other file is read whole.
-            with storage.open_read(uri) as file:
-                size = image_size_from_file(file)
+            # A header longer than the first bytes: a TIFF's IFDs (at its end, or a
+            # multi-page TIFF's later ones) are read by ranges wherever they lie; any other
+            # file (a big EXIF or ICC block) is read whole.
+            if is_tiff(head):
+                with storage.open_read(uri) as file:
+                    size = tiff_size_from_file(file)
+            else:
+                size = image_size(storage.read_bytes(uri))
         check_pixels(size, max_pixels)
         return size, None
     except FileNotFoundError:

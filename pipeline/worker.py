@@ -19,6 +19,7 @@ is such a hook.
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib
 import logging
 import os
@@ -89,8 +90,8 @@ class WorkerConfig:
     max_pixels: int | None = DEFAULT_MAX_PIXELS  # declared image size refused above this
     output_format: str = "same"  # "png", "tiff" or "same" (TIFF for a TIFF input, else PNG)
     # Tiled fitting (dip_core.Tiling): an image is cut into tiles of `tile_size` px (0: never)
-    # when it has more than `tile_above` pixels, or, with None, when its whole-image fit
-    # would not fit this worker's share of the device's memory (fit_memory_limit).
+    # when its whole-image fit would not fit this worker's share of the device's memory
+    # (fit_memory_limit), or when it has more than `tile_above` pixels.
     tile_size: int = Tiling.size  # dip_core's default
     tile_above: int | None = None
 
@@ -188,20 +189,24 @@ class Fitter:
 
     def _fit_members(self, job: Job, plan: RestorePlan) -> list[FitResult]:
         """The job's fits (ensemble members, tiles): packed with other jobs' fits when this
-        worker shares a PackedFitService, else one after the other. A fit that runs out of
-        memory is run once more alone, recomputing activations in backward instead of
-        keeping them (slower, a fraction of the memory) rather than failing. When one fit
-        fails, the job's others still running stop at their next progress report."""
+        worker shares a PackedFitService, else one after the other. A job that runs out of
+        memory is fitted once more, every fit alone and recomputing activations in backward
+        instead of keeping them (slower, a fraction of the memory), rather than failing.
+        When one fit fails, the job's others still running stop at their next report."""
         try:
             return self._fit_all(job, plan, None)
         except torch.cuda.OutOfMemoryError as error:
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            log.warning("job %s ran out of memory (%s); fitting it again with activation "
-                        "checkpointing", job.id, str(error).splitlines()[0])  # fmt: skip
-            options = replace(EngineOptions.fastest_for(resolve_device(self.config.device)),
-                              checkpointing=True)  # fmt: skip
-            return self._fit_all(job, plan, options)
+            # Only the message leaves this block: the error's traceback holds the failed
+            # pack (weights, activations) alive, which the retry needs freed.
+            reason = str(error).splitlines()[0]
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        log.warning("job %s ran out of memory (%s); fitting it again with activation "
+                    "checkpointing", job.id, reason)  # fmt: skip
+        options = replace(EngineOptions.fastest_for(resolve_device(self.config.device)),
+                          checkpointing=True)  # fmt: skip
+        return self._fit_all(job, plan, options)
 
     def _fit_all(self, job: Job, plan: RestorePlan, options) -> list[FitResult]:
         """Every fit of the plan, in order; ``options`` set: one after the other, alone."""
@@ -317,6 +322,8 @@ class JobProgress:
 
     def reporter(self, index: int) -> Callable[[FitProgress], bool]:
         def report(progress: FitProgress) -> bool:
+            if self.cancelled:  # the job has failed: its late reports are not its progress
+                return True
             with self.lock:
                 self.done[index] = progress.step
                 step = sum(self.done.values())
@@ -358,7 +365,8 @@ def _notes(notes: tuple[str, ...]) -> str | None:
 
 FIT_MEMORY_SHARE = 0.7  # of a GPU's memory, for fits: the rest for CUDA's context and cache
 CPU_FIT_MEMORY_SHARE = 0.25  # of a CPU machine's memory: a node runs several workers
-CGROUP_MEMORY_LIMIT = "/sys/fs/cgroup/memory.max"  # cgroup v2: a container's (pod's) limit
+# A container's (pod's) memory limit, as its own cgroup shows it: v2, then v1.
+CGROUP_MEMORY_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
 
 
 def fit_memory_limit(device: torch.device, lanes: int) -> int | None:
@@ -375,9 +383,9 @@ def fit_memory_limit(device: torch.device, lanes: int) -> int | None:
         memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
-    # No cgroup v2, or "max" (no limit): the machine's memory.
-    with contextlib.suppress(OSError, ValueError), open(CGROUP_MEMORY_LIMIT) as limit:
-        memory = min(memory, int(limit.read().strip()))
+    for path in CGROUP_MEMORY_LIMITS:  # absent, or "max" (no limit): the machine's memory
+        with contextlib.suppress(OSError, ValueError), open(path) as limit:
+            memory = min(memory, int(limit.read().strip()))
     return int(CPU_FIT_MEMORY_SHARE * memory) // lanes
 
 

@@ -32,6 +32,7 @@ from pipeline.images import (
 from pipeline.manifest import job_from_row
 from pipeline.storage import Storage
 from pipeline.validate import check_job
+from tests.support.filesystems import count_ranged_reads
 from tests.support.icc import cmyk_profile, srgb_profile, undated
 
 ADOBE_LIKE = bytes(imagecodecs.cms_profile("adobergb"))  # another RGB profile, another maker
@@ -227,6 +228,19 @@ def test_tiff_orientation_tag_is_applied():
     assert image_size(data) == (12, 20)
 
 
+@pytest.mark.parametrize(("orientation", "upright"), [(3, (300, 600)), (6, (600, 300))])
+def test_a_turned_image_keeps_its_resolution_per_displayed_axis(orientation, upright):
+    """300 dpi across and 600 down as stored: a quarter turn swaps them (a half turn does
+    not), as Pillow reads the file and as the axes go."""
+    samples = _rgb16(10, 20, seed=3)
+    tiff = _tiff(samples, photometric="rgb", resolution=(300, 600), resolutionunit="INCH",
+                 extratags=[(274, "H", 1, orientation, True)])  # fmt: skip
+    png = _pillow(Image.fromarray(_rgb16(10, 20, seed=3)[:, :, 0] >> 8), "PNG", dpi=(300, 600),
+                  exif=_exif(orientation))  # fmt: skip
+    for data in (tiff, png):
+        assert decode_image(data).metadata.dpi == pytest.approx(upright, abs=0.05)
+
+
 # ---- colour: CMYK ----------------------------------------------------------------------------
 
 
@@ -361,7 +375,9 @@ def test_declared_sizes_are_checked_before_decoding_tiff_and_16_bit_png():
     assert time.perf_counter() - started < 5 and growth_mb < 64  # nothing big was decoded
 
 
-def test_a_tiff_with_its_ifd_at_the_end_is_sized_by_validate_reading_it_by_ranges(tmp_path):
+def test_a_tiff_with_its_ifd_at_the_end_is_sized_by_validate_reading_it_by_ranges(
+    tmp_path, monkeypatch
+):
     width, height = 400, 300  # 120 kB of samples: the IFD lies beyond the 64 KiB head
     grey = np.random.default_rng(12).integers(0, 256, (height, width), dtype=np.uint8)
     data = _tiff_by_hand(width, height, zlib.compress(grey.tobytes(), 0), ifd_at_end=True)
@@ -375,7 +391,9 @@ def test_a_tiff_with_its_ifd_at_the_end_is_sized_by_validate_reading_it_by_range
     image.write_bytes(data)
     mask.write_bytes(encode_png(np.ones((1, 10, 10), np.float32)))
     row = {"id": "a", "task": "denoise", "image": str(image)}
+    sizes = count_ranged_reads(monkeypatch)
     assert check_job(Storage(), job_from_row(row, 0)) == []
+    assert 0 < sum(sizes) < len(data) // 2  # the IFD, read by ranges, not the whole file
     row = {"id": "b", "task": "inpaint", "image": str(image), "mask": str(mask)}
     (problem,) = check_job(Storage(), job_from_row(row, 1))
     assert problem.endswith("is 10x10 pixels, expected 400x300"), problem

@@ -17,6 +17,7 @@ from pipeline.manifest import Job
 from pipeline.packing import summarize
 from pipeline.storage import Storage
 from tests.support.builders import tiny_image, write_png
+from tests.support.filesystems import count_ranged_reads
 
 A, B, C = ("denoise", None, None, 16, 16), ("denoise", None, None, 24, 24), ("x",)
 
@@ -140,7 +141,7 @@ def test_read_key_from_headers_and_unknown_when_unreadable(tmp_path: Path):
     assert read_key(storage, _job("none"), config) is UNKNOWN
 
 
-def test_read_key_finds_a_tiff_directory_written_after_the_pixels(tmp_path: Path):
+def test_read_key_finds_a_tiff_directory_written_after_the_pixels(tmp_path: Path, monkeypatch):
     """libtiff (Pillow's compressed TIFFs) writes the IFD after the image data: beyond the
     first 64 KiB of a noisy 300 x 200 scan. The key is still read (a second, ranged read)."""
     import numpy as np
@@ -154,8 +155,14 @@ def test_read_key_finds_a_tiff_directory_written_after_the_pixels(tmp_path: Path
     Image.fromarray(noise).save(path, compression="tiff_lzw")
     data = path.read_bytes()
     assert int.from_bytes(data[4:8], "little") > HEADER_BYTES  # the IFD lies past the head
+    sizes = count_ranged_reads(monkeypatch)
     key = read_key(Storage(), _job("scan", str(path)), WorkerConfig(out=str(tmp_path)))
     assert key[-2:] == (300, 200)
+    assert 0 < sum(sizes) < len(data) // 4  # the IFD, not the pixels
+    (tmp_path / "big.png").write_bytes(b"\x89PNG" + bytes(4 * HEADER_BYTES))  # not a TIFF
+    assert read_key(Storage(), _job("big", str(tmp_path / "big.png")), WorkerConfig(
+        out=str(tmp_path))) is UNKNOWN  # fmt: skip
+    assert sum(sizes) < len(data) // 4  # no second look at a file that is not a TIFF
 
 
 def test_summarize_occupancy_over_workers():

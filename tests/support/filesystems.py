@@ -89,3 +89,35 @@ def unwritable(path: Path) -> Iterator[Path]:
         yield path
     finally:
         _set_immutable(path, False)
+
+
+def count_ranged_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Make ``Storage.open_read``'s file objects count the bytes they read; returns the list
+    that each read appends its size to (what a ranged look at a header really costs)."""
+    from pipeline.storage import Storage
+
+    sizes: list[int] = []
+    open_read = Storage.open_read
+
+    class Counting:
+        def __init__(self, file) -> None:
+            self.file = file
+
+        def read(self, size: int = -1) -> bytes:
+            data = self.file.read(size)
+            sizes.append(len(data))
+            return data
+
+        def __getattr__(self, name: str):
+            return getattr(self.file, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            self.file.close()
+
+    monkeypatch.setattr(
+        Storage, "open_read", lambda self, uri, *a: Counting(open_read(self, uri, *a))
+    )
+    return sizes
