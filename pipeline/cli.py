@@ -86,9 +86,19 @@ def with_s3_flags(command: Callable[..., Any]) -> Callable[..., Any]:
     return with_storage
 
 
+PLAIN_LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+
+
 def _setup_logging(quiet: bool) -> None:
+    """Rich's columns on a terminal; in a file or a pod's log, one plain line per record
+    (Rich would wrap long lines at its default width, and a grep would find half of them)."""
     logger = logging.getLogger("dippipe")
-    handler = RichHandler(console=console, show_path=False, rich_tracebacks=False)
+    handler: logging.Handler
+    if console.is_terminal:
+        handler = RichHandler(console=console, show_path=False, rich_tracebacks=False)
+    else:
+        handler = logging.StreamHandler(console.file)
+        handler.setFormatter(logging.Formatter(PLAIN_LOG_FORMAT))
     handler.addFilter(PrintableLogFilter())  # ids and URIs come from users: no escapes
     logger.handlers = [handler]
     logger.setLevel(logging.WARNING if quiet else logging.INFO)
@@ -123,6 +133,15 @@ def run_command(
     flush_rows: Annotated[int, typer.Option(help="Jobs per results shard (at most).")] = 64,
     flush_seconds: Annotated[float, typer.Option(help="Write results at least this often.")] = 10.0,
     progress: Annotated[bool, typer.Option(help="Show the live progress bar.")] = True,
+    log_every: Annotated[
+        float | None,
+        typer.Option(
+            help="Log a plain progress line every SECONDS (0 = never; default: 60 when "
+            "stderr is not a terminal, e.g. a pod's log, else never).",
+            metavar="SECONDS",
+            min=0,
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option(help="Only warnings in the log.")] = False,
     *,
     storage_options: StorageOptions,
@@ -235,6 +254,7 @@ def run_command(
         flush_rows=max(1, flush_rows),
         flush_seconds=flush_seconds,
         show_progress=progress,
+        log_every=log_every,
         force_unlock=force_unlock,
         stale_lock_seconds=stale_lock_seconds,
         lookahead=lookahead,

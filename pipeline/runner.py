@@ -39,7 +39,7 @@ from pipeline.outputs import (
     read_prior,
     remove_orphan_traces,
 )
-from pipeline.progress import ProgressView, RunSummary
+from pipeline.progress import ProgressView, RunSummary, resolve_log_every
 from pipeline.scheduler import PoolSpec, Scheduler
 from pipeline.storage import Storage, StorageOptions, join
 from pipeline.worker import WorkerConfig
@@ -71,6 +71,9 @@ class RunConfig:
     flush_rows: int = 64
     flush_seconds: float = 10.0
     show_progress: bool = True
+    # Seconds between plain progress lines in the log; None: 60 when stderr is not a
+    # terminal (the bar draws nothing there), else off; 0 = off (progress.py ProgressLines).
+    log_every: float | None = None
     force_unlock: bool = False  # take OUT's lock even from a run that looks alive
     stale_lock_seconds: float = DEFAULT_STALE_SECONDS  # a lock this long without heartbeat is
     # taken over (lock.py)
@@ -221,7 +224,13 @@ def plan_pool(config: RunConfig, pending: int) -> PoolSpec:
 def _schedule(config, storage, info, finished, summary, console, run_json) -> None:
     pool = plan_pool(config, summary.pending)
     writer = ShardWriter(storage, config.out, config.flush_rows, config.flush_seconds)
-    view = ProgressView(console, summary.pending, enabled=config.show_progress)
+    view = ProgressView(
+        console,
+        summary.pending,
+        enabled=config.show_progress,
+        log_every=resolve_log_every(config.log_every, console.is_terminal),
+        summary=summary,
+    )
 
     def on_outcome(outcome: JobOutcome) -> None:
         for uri, data in outcome.files.items():  # memory:// outputs of a worker process
