@@ -89,6 +89,19 @@ def with_s3_flags(command: Callable[..., Any]) -> Callable[..., Any]:
 PLAIN_LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 
+class _PlainHandler(logging.StreamHandler):
+    """One plain line per record, to the console's file as it is at each record (stderr may
+    be replaced after set-up, e.g. by a test runner), as Rich's handler does."""
+
+    @property
+    def stream(self) -> Any:
+        return console.file
+
+    @stream.setter
+    def stream(self, value: Any) -> None:  # StreamHandler.__init__ sets it: the console's
+        pass
+
+
 def _setup_logging(quiet: bool) -> None:
     """Rich's columns on a terminal; in a file or a pod's log, one plain line per record
     (Rich would wrap long lines at its default width, and a grep would find half of them)."""
@@ -97,7 +110,7 @@ def _setup_logging(quiet: bool) -> None:
     if console.is_terminal:
         handler = RichHandler(console=console, show_path=False, rich_tracebacks=False)
     else:
-        handler = logging.StreamHandler(console.file)
+        handler = _PlainHandler()
         handler.setFormatter(logging.Formatter(PLAIN_LOG_FORMAT))
     handler.addFilter(PrintableLogFilter())  # ids and URIs come from users: no escapes
     logger.handlers = [handler]

@@ -213,3 +213,21 @@ def test_negative_log_every_is_refused(tmp_path):
         cli.app, ["run", str(tmp_path / "none.parquet"), "--out", "x", "--log-every", "-1"]
     )
     assert result.exit_code == 2
+
+
+def test_logs_off_a_terminal_are_one_plain_line_per_record(capsys, monkeypatch):
+    """In a pod's log (stderr not a terminal), a long line stays one line: grep finds it."""
+    import logging
+
+    from pipeline import cli
+
+    logger = logging.getLogger("dippipe")
+    monkeypatch.setattr(logger, "handlers", list(logger.handlers))
+    monkeypatch.setattr(logger, "propagate", logger.propagate)
+    monkeypatch.setattr(logger, "level", logger.level)
+    assert not cli.console.is_terminal  # pytest captures stderr
+    cli._setup_logging(quiet=False)
+    message = "progress: " + "x" * 300
+    logger.info(message)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "progress:" in line]
+    assert len(lines) == 1 and lines[0].endswith(message) and " INFO " in lines[0]
