@@ -38,6 +38,7 @@ app = typer.Typer(
 )
 console = Console(stderr=True, soft_wrap=True)  # whole lines: logs stay greppable
 
+MANIFEST_HELP = "Manifest: a Parquet file, a folder of part files or a glob; path or URI."
 MaxPixels = Annotated[
     int,
     typer.Option(
@@ -128,7 +129,7 @@ def _manifest_failed(error: ManifestError) -> NoReturn:
 @app.command("run")
 @with_s3_flags
 def run_command(
-    manifest: Annotated[str, typer.Argument(help="Manifest Parquet: path or URI.")],
+    manifest: Annotated[str, typer.Argument(help=MANIFEST_HELP)],
     out: Annotated[str, typer.Option("--out", "-o", help="Output folder: path or URI.")],
     gpus: Annotated[
         int | None, typer.Option(help="GPU workers (one GPU each); 0 = CPU workers.")
@@ -288,7 +289,7 @@ def run_command(
 @app.command("validate")
 @with_s3_flags
 def validate_command(
-    manifest: Annotated[str, typer.Argument(help="Manifest Parquet: path or URI.")],
+    manifest: Annotated[str, typer.Argument(help=MANIFEST_HELP)],
     *,
     storage_options: StorageOptions,
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,

@@ -31,7 +31,14 @@ from rich.console import Console
 from pipeline.errors import DippipeError
 from pipeline.lock import DEFAULT_STALE_SECONDS, OutLock
 from pipeline.lookahead import DEFAULT_DEPTH
-from pipeline.manifest import Job, ManifestInfo, inspect_manifest, iter_batches, job_from_row
+from pipeline.manifest import (
+    Job,
+    ManifestInfo,
+    inspect_manifest,
+    iter_batches,
+    job_from_row,
+    read_ids,
+)
 from pipeline.outputs import (
     JobOutcome,
     ShardWriter,
@@ -153,7 +160,7 @@ def _prepare_out(storage: Storage, config: RunConfig, info: ManifestInfo, summar
     if orphans:
         log.info("removed %d trace shard(s) left by an interrupted run", orphans)
     prior = read_prior(storage, config.out)
-    ids = storage.read_parquet(info.uri, columns=["id"]).column("id").combine_chunks()
+    ids = read_ids(storage, info)  # every part of a folder / glob manifest, in order
     ok = pc.is_in(ids, value_set=prior.ok)
     failed = pc.and_(pc.is_in(ids, value_set=prior.failed), pc.invert(ok))
     summary.skipped_ok = pc.sum(ok).as_py() or 0

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dip_core import INPUT_ROLES
+from pipeline.manifest import iter_manifest_columns
 from pipeline.storage import Storage, join
 
 log = logging.getLogger("dippipe")
@@ -62,7 +63,9 @@ def read_inputs(storage: Storage, manifest: str, ids: list[str]) -> dict[str, di
     """id -> {image, reference, mask, guide} (URIs or None) for `ids`, from the manifest."""
     found: dict[str, dict] = {}
     value_set = pa.array(ids, pa.string())
-    for table in _filtered_batches(storage, manifest, ("id", *INPUT_COLUMNS), value_set):
+    columns = ["id", *INPUT_COLUMNS]
+    for batch in iter_manifest_columns(storage, manifest, columns, BATCH_ROWS):  # file/folder/glob
+        table = batch.filter(pc.is_in(batch.column("id"), value_set=value_set))
         for row in table.to_pylist():
             found[row["id"]] = {c: row.get(c) for c in INPUT_COLUMNS}
     return found

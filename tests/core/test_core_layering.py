@@ -47,9 +47,10 @@ def test_the_pipeline_imports_only_dip_cores_public_names():
     assert PIPELINE.is_dir() and not bad, f"dip_core internals imported: {bad}"
 
 
-# What the report package may use from the rest of the project: it reads a run's OUT.
-REPORT_MAY_USE = {"dip_core", "pipeline.errors", "pipeline.images", "pipeline.outputs",
-                  "pipeline.storage"}  # fmt: skip
+# What the report package may use from the rest of the project: it reads a run's OUT and
+# its manifest (a file, folder or glob, as the run read it).
+REPORT_MAY_USE = {"dip_core", "pipeline.errors", "pipeline.images", "pipeline.manifest",
+                  "pipeline.outputs", "pipeline.storage"}  # fmt: skip
 
 
 def test_the_report_is_a_closed_subsystem():
