@@ -18,7 +18,7 @@ import io
 import re
 import struct
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image, ImageCms
@@ -114,16 +114,16 @@ def orient(array: np.ndarray, orientation: int) -> np.ndarray:
     return array
 
 
-def upright_size(size: tuple[int, int], orientation: int) -> tuple[int, int]:
-    """The displayed (width, height) of a stored size."""
+Axis = TypeVar("Axis", int, float)
+
+
+def upright_size(size: tuple[Axis, Axis], orientation: int) -> tuple[Axis, Axis]:
+    """The displayed (x, y) of a stored pair (a size, a resolution): swapped with the axes."""
     return (size[1], size[0]) if orientation in (5, 6, 7, 8) else size
 
 
 def upright_dpi(dpi: tuple[float, float] | None, orientation: int) -> tuple[float, float] | None:
-    """The displayed (x, y) resolution of a stored one: swapped with the axes."""
-    if dpi is None or orientation not in (5, 6, 7, 8):
-        return dpi
-    return dpi[1], dpi[0]
+    return None if dpi is None else upright_size(dpi, orientation)
 
 
 def rotation_note(orientation: int, source: str) -> str:

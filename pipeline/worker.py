@@ -19,6 +19,7 @@ is such a hook.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import importlib
 import logging
@@ -170,7 +171,7 @@ class Fitter:
             params=params,
             feature_net=feature_net,
             sync_every=self.config.sync_every,
-            tiling=self._tiling(),
+            tiling=self.tiling,
             **{role: torch.from_numpy(pixels) for role, pixels in inputs.companions.items()},
         )
         result = run_plan(plan, lambda plan: self._fit_members(job, plan))
@@ -299,8 +300,10 @@ class Fitter:
             self.storage.write_bytes(uri, encoded.data)
         return uri, encoded.dropped
 
-    def _tiling(self) -> Tiling | None:
-        """When and how this worker tiles an image (WorkerConfig.tile_size / tile_above)."""
+    @functools.cached_property
+    def tiling(self) -> Tiling | None:
+        """When and how this worker tiles an image (WorkerConfig.tile_size / tile_above); the
+        same for every job, so the device and the OS are asked once per worker."""
         if self.config.tile_size <= 0:
             return None
         limit = fit_memory_limit(resolve_device(self.config.device), self._lanes)
