@@ -62,6 +62,12 @@ RESULT_SCHEMA = pa.schema(
         # The worker process's peak resident memory so far, in bytes (sizes pods and
         # machines: it bounds what its jobs needed); null where the OS does not say.
         pa.field("peak_rss", pa.int64()),
+        # Why a failed job failed (ERROR_KINDS); null for ok rows and rows of older runs.
+        pa.field("error_kind", pa.string()),
+        # The run that wrote the row (OUT/runs/<run_id>.json) and a fingerprint of the job's
+        # spec as it ran (spec.py): a rerun finds ids whose spec changed since.
+        pa.field("run_id", pa.string()),
+        pa.field("spec", pa.string()),
     ]
 )
 TRACE_SCHEMA = pa.schema(
@@ -74,8 +80,18 @@ TRACE_SCHEMA = pa.schema(
         pa.field("stop_stat", pa.float64()),
     ]
 )
+FLUSH_ROWS = 64
+FLUSH_BYTES = 64 << 20
+FLUSH_SECONDS = 10.0
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
+# error_kind of a failed row. "job": its own input or params (bad file, bad value), final;
+# "died": its worker process died (killed, out of memory) each time it ran it alone;
+# "timeout": it ran past --job-timeout each try; "infrastructure": workers failed on it for
+# reasons outside the job (CUDA, credentials, storage, lost objects) on every try: a plain
+# rerun runs it again (PriorResults.retryable).
+KIND_JOB, KIND_DIED, KIND_TIMEOUT, KIND_INFRA = "job", "died", "timeout", "infrastructure"
+ERROR_KINDS = (KIND_JOB, KIND_DIED, KIND_TIMEOUT, KIND_INFRA)
 
 
 def shard_of(job_id: str) -> str:
@@ -122,10 +138,16 @@ class ShardWriter:
     million files."""
 
     def __init__(
-        self, storage: Storage, out: str, flush_rows: int = 64, flush_seconds: float = 10.0
+        self,
+        storage: Storage,
+        out: str,
+        flush_rows: int = FLUSH_ROWS,
+        flush_seconds: float = FLUSH_SECONDS,
+        flush_bytes: int = FLUSH_BYTES,
     ) -> None:
         self.storage, self.out = storage, out
         self.flush_rows, self.flush_seconds = flush_rows, flush_seconds
+        self.flush_bytes = flush_bytes
         self.run_tag = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
         self._rows: list[dict[str, Any]] = []
         self._traces: list[dict[str, list]] = []

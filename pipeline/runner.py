@@ -40,6 +40,9 @@ from pipeline.manifest import (
     read_ids,
 )
 from pipeline.outputs import (
+    FLUSH_BYTES,
+    FLUSH_ROWS,
+    FLUSH_SECONDS,
     JobOutcome,
     ShardWriter,
     drop_failed_rows,
@@ -47,7 +50,13 @@ from pipeline.outputs import (
     remove_orphan_traces,
 )
 from pipeline.progress import ProgressView, RunSummary, resolve_log_every
-from pipeline.scheduler import PoolSpec, Scheduler
+from pipeline.scheduler import (
+    DEFAULT_STALL_SECONDS,
+    DEFAULT_WORKER_INFRA_ERRORS,
+    DEFAULT_WORKER_WAIT,
+    PoolSpec,
+    Scheduler,
+)
 from pipeline.storage import Storage, StorageOptions, join
 from pipeline.worker import WorkerConfig
 
@@ -75,8 +84,21 @@ class RunConfig:
     address: str | None = None  # None: embedded local Ray; "auto" or "ray://host:10001"
     retry_failed: bool = False
     max_attempts: int = 3
-    flush_rows: int = 64
-    flush_seconds: float = 10.0
+    # Results shards (outputs.ShardWriter): flushed at this many jobs, buffered trace bytes,
+    # or seconds, whichever comes first; small shards are compacted (outputs.py).
+    flush_rows: int = FLUSH_ROWS
+    flush_bytes: int = FLUSH_BYTES
+    flush_seconds: float = FLUSH_SECONDS
+    # Timeouts (scheduler.py), None = none: a job's wall-clock limit; no step progress for
+    # this long = a stalled worker (killed, replaced, the job retried); no worker placed for
+    # this long (at the start, or after losing them all) = the run stops.
+    job_timeout: float | None = None
+    stall_seconds: float | None = DEFAULT_STALL_SECONDS
+    worker_wait: float | None = DEFAULT_WORKER_WAIT
+    # A worker with this many infrastructure errors in a row (scheduler.py) is replaced.
+    worker_infra_errors: int = DEFAULT_WORKER_INFRA_ERRORS
+    shared_out: bool = False  # a local OUT is a path every node of the cluster shares
+    rerun_changed: bool = False  # rerun finished jobs whose spec changed (else: warn)
     show_progress: bool = True
     # Seconds between plain progress lines in the log; None: 60 when stderr is not a
     # terminal (the bar draws nothing there), else off; 0 = off (progress.py ProgressLines).
@@ -230,7 +252,9 @@ def plan_pool(config: RunConfig, pending: int) -> PoolSpec:
 
 def _schedule(config, storage, info, finished, summary, console, run_json) -> None:
     pool = plan_pool(config, summary.pending)
-    writer = ShardWriter(storage, config.out, config.flush_rows, config.flush_seconds)
+    writer = ShardWriter(
+        storage, config.out, config.flush_rows, config.flush_seconds, config.flush_bytes
+    )
     view = ProgressView(
         console,
         summary.pending,
@@ -267,6 +291,10 @@ def _schedule(config, storage, info, finished, summary, console, run_json) -> No
         config.max_attempts,
         lookahead=max(0, config.lookahead),
         lookahead_passes=config.lookahead_passes,
+        job_timeout=config.job_timeout,
+        stall_seconds=config.stall_seconds,
+        worker_wait=config.worker_wait,
+        worker_infra_errors=config.worker_infra_errors,
     )
     started = time.monotonic()
     previous = signal.getsignal(signal.SIGTERM)

@@ -52,6 +52,9 @@ PACKING_STATS_SECONDS = 10.0  # how long the end of a run waits for the actors' 
 DEATH_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError)
 
 
+DEFAULT_STALL_SECONDS = 1800.0  # no step progress this long: the worker is stalled
+DEFAULT_WORKER_WAIT = 1800.0  # no worker placed this long: the run stops
+DEFAULT_WORKER_INFRA_ERRORS = 3  # infrastructure errors in a row that retire a worker
 AUTO_CUDA_LANES = 4  # --fits-per-gpu auto on a CUDA worker (packing.py caps it by memory)
 
 
@@ -152,6 +155,14 @@ class Scheduler:
     lookahead: int = DEFAULT_DEPTH
     lookahead_passes: int | None = None
     header_readers: int = 4
+    # Timeouts and fault limits: RunConfig's fields of the same names (runner.py).
+    job_timeout: float | None = None
+    stall_seconds: float | None = DEFAULT_STALL_SECONDS
+    worker_wait: float | None = DEFAULT_WORKER_WAIT
+    worker_infra_errors: int = DEFAULT_WORKER_INFRA_ERRORS
+    # Called with each worker's describe() when it is placed (start or replacement); what it
+    # raises stops the run (runner.py refuses a local OUT on another node).
+    on_placed: Callable[[dict[str, Any]], None] | None = None
     lanes: list[Lane] = field(default_factory=list)
     retry: deque = field(default_factory=deque)
     deaths: int = 0
