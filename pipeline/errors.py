@@ -8,3 +8,9 @@ class DippipeError(Exception):
 
     Each subclass also keeps its natural built-in base (``ValueError``, ``OSError``...), so
     code that catches those still does."""
+
+
+class InfrastructureError(DippipeError, RuntimeError):
+    """The run stopped because of the infrastructure, not the manifest: workers keep failing,
+    no worker was placed in time, OUT cannot take results. Finished jobs are kept and a rerun
+    resumes (exit code 3, exit_codes.py)."""

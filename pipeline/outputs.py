@@ -28,7 +28,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.errors import DippipeError
+from pipeline.errors import InfrastructureError
 from pipeline.ids import is_safe_id
 from pipeline.retry import describe
 from pipeline.safetext import printable
@@ -127,7 +127,12 @@ class JobOutcome:
         return self.row["status"] == STATUS_OK
 
 
-class OutputWriteError(DippipeError, RuntimeError):
+def new_run_id() -> str:
+    """A run's id: when it started (UTC, sorts in time order) and 6 random hex digits."""
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+
+
+class OutputWriteError(InfrastructureError):
     """Results cannot be written to OUT (full disk, no permission, storage down): the run
     stops, since every further job would be lost too."""
 
@@ -144,11 +149,12 @@ class ShardWriter:
         flush_rows: int = FLUSH_ROWS,
         flush_seconds: float = FLUSH_SECONDS,
         flush_bytes: int = FLUSH_BYTES,
+        run_id: str | None = None,
     ) -> None:
         self.storage, self.out = storage, out
         self.flush_rows, self.flush_seconds = flush_rows, flush_seconds
         self.flush_bytes = flush_bytes
-        self.run_tag = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+        self.run_tag = run_id or new_run_id()  # names the shards, stamped on every row
         self._rows: list[dict[str, Any]] = []
         self._traces: list[dict[str, list]] = []
         self._count = 0
@@ -158,6 +164,7 @@ class ShardWriter:
     def add(self, outcome: JobOutcome) -> None:
         row = dict(outcome.row)
         row.setdefault("finished_at", datetime.now(timezone.utc))
+        row["run_id"] = self.run_tag
         self._rows.append(row)
         steps = len(outcome.trace["step"])
         trace = {key: outcome.trace.get(key, [None] * steps) for key in TRACE_SCHEMA.names[1:]}

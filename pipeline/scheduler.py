@@ -36,7 +36,7 @@ from typing import Any
 import ray
 import torch
 
-from pipeline.errors import DippipeError
+from pipeline.errors import InfrastructureError
 from pipeline.lookahead import DEFAULT_DEPTH, UNKNOWN, Entry, KeyReader, Lookahead
 from pipeline.manifest import Job
 from pipeline.outputs import JobOutcome
@@ -78,7 +78,7 @@ def worker_hook_env() -> dict[str, str]:
     return {key: value for key, value in os.environ.items() if key.startswith("DIPPIPE_")}
 
 
-class WorkersKeepDying(DippipeError, RuntimeError):
+class WorkersKeepDying(InfrastructureError):
     """Workers die before finishing anything: the run is stopped rather than spinning."""
 
 
