@@ -24,9 +24,10 @@ import pyarrow.parquet as pq
 
 from pipeline.manifest import MANIFEST_SCHEMA, inspect_manifest
 from pipeline.outputs import RESULT_SCHEMA
-from pipeline.progress import RunSummary
 from pipeline.runner import RunConfig, _prepare_out, pending_jobs
+from pipeline.spec import spec_fingerprints
 from pipeline.storage import Storage
+from pipeline.summary import RunSummary
 from pipeline.worker import WorkerConfig
 
 
@@ -53,10 +54,12 @@ def write_manifest(path: Path, rows: int) -> None:
 
 
 def write_ok_results(out: Path, manifest: Path) -> None:
-    ids = pq.read_table(manifest, columns=["id"]).column("id")
+    rows = pq.read_table(manifest)
+    ids = rows.column("id")
     n = len(ids)
     columns = {f.name: pa.nulls(n, f.type) for f in RESULT_SCHEMA}
     columns["id"], columns["status"] = ids, pa.array(["ok"] * n)
+    columns["spec"] = spec_fingerprints(rows, None)  # as the run recorded them: none changed
     (out / "results").mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table(columns, schema=RESULT_SCHEMA), out / "results" / "part-0.parquet")
 
@@ -67,8 +70,9 @@ def measure(storage: Storage, manifest: Path, out: Path) -> tuple[int, float, fl
     info = inspect_manifest(storage, str(manifest))
     summary = RunSummary(manifest_rows=info.num_rows)
     config = RunConfig(str(manifest), WorkerConfig(str(out)))
-    finished = _prepare_out(storage, config, info, summary)
-    jobs = sum(1 for _ in pending_jobs(storage, info, finished))
+    finished, prior = _prepare_out(storage, config, info, summary)
+    # As the run streams them: jobs made for the pending rows, finished ones spec-checked.
+    jobs = sum(1 for _ in pending_jobs(storage, info, finished, None, prior.ok_specs, summary))
     return jobs, time.perf_counter() - started, memory_mib("VmHWM")
 
 

@@ -1,7 +1,6 @@
 """The `dippipe` command: flags become a frozen config, then one call into the package.
 
-Exit codes: 0 all jobs ok; 1 some job failed (or validate found problems); 2 the manifest or
-the command line is unusable (nothing ran); 130 interrupted (rerun to resume).
+Exit codes: pipeline/exit_codes.py (the README prints the same table).
 """
 
 from __future__ import annotations
@@ -10,6 +9,7 @@ import functools
 import inspect
 import json
 import logging
+import traceback
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Annotated, Any, NoReturn
@@ -19,15 +19,21 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from dip_core import MIN_TILE_SIZE
-from pipeline.errors import DippipeError
+from pipeline.errors import DippipeError, InfrastructureError
+from pipeline.exit_codes import ExitCode
 from pipeline.folder import FolderSpec, build_from_folder
 from pipeline.images import DEFAULT_MAX_PIXELS, OUTPUT_FORMATS
-from pipeline.lock import DEFAULT_STALE_SECONDS
+from pipeline.lock import DEFAULT_STALE_SECONDS, OutLockedError
 from pipeline.manifest import ManifestError
-from pipeline.progress import errors_table, summary_table
 from pipeline.runner import RunConfig, run
 from pipeline.safetext import PrintableLogFilter, for_console
+from pipeline.scheduler import (
+    DEFAULT_STALL_SECONDS,
+    DEFAULT_WORKER_INFRA_ERRORS,
+    DEFAULT_WORKER_WAIT,
+)
 from pipeline.storage import Storage, StorageOptions
+from pipeline.summary import errors_table, summary_table
 from pipeline.validate import validate_manifest
 from pipeline.worker import WorkerConfig
 
@@ -123,7 +129,12 @@ def _manifest_failed(error: ManifestError) -> NoReturn:
     console.print(f"[red]manifest rejected, nothing was run:[/] {for_console(error.uri)}")
     for problem in error.problems:
         console.print(f"  - {for_console(problem, None)}")
-    raise typer.Exit(2)
+    raise typer.Exit(ExitCode.UNUSABLE)
+
+
+def _seconds_or_none(value: float) -> float | None:
+    """A timeout flag: 0 means none."""
+    return value if value > 0 else None
 
 
 @app.command("run")
@@ -141,11 +152,21 @@ def run_command(
     workers: Annotated[int | None, typer.Option(help="CPU workers when --gpus 0.")] = None,
     cpus_per_worker: Annotated[float, typer.Option(help="Ray CPUs reserved per worker.")] = 1.0,
     threads: Annotated[int | None, typer.Option(help="Torch threads per worker.")] = None,
-    max_attempts: Annotated[int, typer.Option(help="Tries per job if its worker dies.")] = 3,
+    max_attempts: Annotated[
+        int,
+        typer.Option(help="Tries per job when its worker dies, stalls or fails around it."),
+    ] = 3,
     device: Annotated[str | None, typer.Option(help="Force 'cpu' or 'cuda'.")] = None,
     sync_every: Annotated[int, typer.Option(help="Steps between live progress reports.")] = 50,
-    flush_rows: Annotated[int, typer.Option(help="Jobs per results shard (at most).")] = 64,
-    flush_seconds: Annotated[float, typer.Option(help="Write results at least this often.")] = 10.0,
+    flush_rows: Annotated[
+        int, typer.Option(help="Jobs per results shard (at most).", min=1)
+    ] = RunConfig.flush_rows,
+    flush_mib: Annotated[
+        float, typer.Option(help="Write results when this many MiB of traces are buffered.")
+    ] = RunConfig.flush_bytes / (1 << 20),
+    flush_seconds: Annotated[
+        float, typer.Option(help="Write results at least this often.")
+    ] = RunConfig.flush_seconds,
     progress: Annotated[bool, typer.Option(help="Show the live progress bar.")] = True,
     log_every: Annotated[
         float | None,
@@ -222,6 +243,72 @@ def run_command(
             min=1,
         ),
     ] = None,
+    job_timeout: Annotated[
+        float,
+        typer.Option(
+            help="Stop a job running longer than SECONDS (its worker is replaced; the job "
+            "tried again up to --max-attempts); 0 = no limit.",
+            metavar="SECONDS",
+            min=0,
+        ),
+    ] = 0.0,
+    stall_seconds: Annotated[
+        float,
+        typer.Option(
+            help="A worker whose job makes no progress for SECONDS is stalled: it is "
+            "replaced and the job tried again; 0 = never.",
+            metavar="SECONDS",
+            min=0,
+        ),
+    ] = DEFAULT_STALL_SECONDS,
+    worker_wait: Annotated[
+        float,
+        typer.Option(
+            help="Stop the run (exit 3) when no worker is placed for SECONDS, at the start "
+            "or after losing them all (an autoscaler that never brings a node); 0 = wait "
+            "forever.",
+            metavar="SECONDS",
+            min=0,
+        ),
+    ] = DEFAULT_WORKER_WAIT,
+    worker_infra_errors: Annotated[
+        int,
+        typer.Option(
+            help="Replace a worker after this many infrastructure errors in a row (CUDA, "
+            "credentials, storage down: the job goes back to the queue, not failed).",
+            min=1,
+        ),
+    ] = DEFAULT_WORKER_INFRA_ERRORS,
+    shared_out: Annotated[
+        bool,
+        typer.Option(
+            help="OUT is a local path that every node of the cluster shares (NFS...); "
+            "without it a local OUT is refused when a worker runs on another node.",
+        ),
+    ] = False,
+    rerun_changed: Annotated[
+        bool,
+        typer.Option(
+            help="Run again the finished jobs whose spec (task, inputs, scale, iterations, "
+            "seed, params) changed since they ran; without it they are only named.",
+        ),
+    ] = False,
+    ok_on_bad_input: Annotated[
+        bool,
+        typer.Option(
+            help="Exit 0 when the only failed jobs failed on their own input or params "
+            "(for orchestrators that retry on any non-zero exit).",
+        ),
+    ] = False,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            help="Serve the run's Prometheus metrics on this port (the embedded local Ray "
+            "only; a cluster exports them through its own Ray metrics setup).",
+            min=1,
+            max=65535,
+        ),
+    ] = None,
     fake_fit_seconds: Annotated[float | None, typer.Option(hidden=True)] = None,
 ) -> None:
     """Run every job of MANIFEST; results, traces and images go to OUT. Reruns resume.
@@ -231,14 +318,14 @@ def run_command(
     _setup_logging(quiet)
     if stop not in (None, "auto", "fixed"):
         console.print(f"[red]--stop must be 'auto' or 'fixed', got {stop!r}[/]")
-        raise typer.Exit(2)
+        raise typer.Exit(ExitCode.UNUSABLE)
     if 0 < tile < MIN_TILE_SIZE:
         console.print(f"[red]--tile must be 0 (never tile) or at least {MIN_TILE_SIZE} pixels[/]")
-        raise typer.Exit(2)
+        raise typer.Exit(ExitCode.UNUSABLE)
     if output_format not in OUTPUT_FORMATS:
         console.print(f"[red]--format must be one of {', '.join(OUTPUT_FORMATS)}, got "
                       f"{for_console(output_format)}[/]")  # fmt: skip
-        raise typer.Exit(2)
+        raise typer.Exit(ExitCode.UNUSABLE)
     defaults = {k: v for k, v in (("stop", stop), ("ensemble", ensemble)) if v is not None}
     if io_retries is not None:  # --io-retries wins over $DIPPIPE_IO_RETRIES
         storage_options = replace(storage_options, retries=io_retries)
@@ -265,8 +352,16 @@ def run_command(
         address=address,
         retry_failed=retry_failed,
         max_attempts=max(1, max_attempts),
-        flush_rows=max(1, flush_rows),
+        flush_rows=flush_rows,
+        flush_bytes=max(1, int(flush_mib * (1 << 20))),
         flush_seconds=flush_seconds,
+        job_timeout=_seconds_or_none(job_timeout),
+        stall_seconds=_seconds_or_none(stall_seconds),
+        worker_wait=_seconds_or_none(worker_wait),
+        worker_infra_errors=worker_infra_errors,
+        shared_out=shared_out,
+        rerun_changed=rerun_changed,
+        metrics_port=metrics_port,
         show_progress=progress,
         log_every=log_every,
         force_unlock=force_unlock,
@@ -277,13 +372,23 @@ def run_command(
         summary = run(config, console)
     except ManifestError as error:
         _manifest_failed(error)
-    except DippipeError as error:  # the run cannot go on (OUT locked, no storage, no GPUs...)
+    except OutLockedError as error:  # another live run is on OUT: not this run's to fix
         console.print(f"[red]run stopped:[/] {for_console(error, None)}")
-        raise typer.Exit(2) from None
+        raise typer.Exit(ExitCode.INFRASTRUCTURE) from None
+    except InfrastructureError as error:  # workers keep failing, none placed, OUT unwritable
+        console.print(f"[red]run stopped:[/] {for_console(error, None)}")
+        console.print("finished jobs are kept; rerun the same command to resume")
+        raise typer.Exit(ExitCode.INFRASTRUCTURE) from None
+    except DippipeError as error:  # cannot start (OUT locked, no storage, no GPUs...)
+        console.print(f"[red]run stopped:[/] {for_console(error, None)}")
+        raise typer.Exit(ExitCode.UNUSABLE) from None
+    except Exception:  # a defect: say so, with the traceback to report
+        console.print(f"[red]internal error[/] (please report it):\n{traceback.format_exc()}")
+        raise typer.Exit(ExitCode.INTERNAL) from None
     console.print(summary_table(summary, out))
     if summary.errors:
         console.print(errors_table(summary))
-    raise typer.Exit(summary.exit_code)
+    raise typer.Exit(summary.exit_code(ok_on_bad_input))
 
 
 @app.command("validate")
@@ -312,7 +417,7 @@ def validate_command(
         f"[red]{manifest}: {len(report.manifest_problems)} manifest problem(s), "
         f"{report.jobs_with_problems} of {report.rows} job(s) with problems[/]"
     )
-    raise typer.Exit(1)
+    raise typer.Exit(ExitCode.JOBS_FAILED)
 
 
 @app.command("manifest")
@@ -335,7 +440,7 @@ def manifest_command(
         table = build_from_folder(storage, spec)
     except ValueError as error:  # json.JSONDecodeError is a ValueError
         console.print(f"[red]no manifest written:[/] {error}")
-        raise typer.Exit(2) from None
+        raise typer.Exit(ExitCode.UNUSABLE) from None
     storage.write_parquet(out, table)
     console.print(f"wrote {out}: {table.num_rows} jobs; check it with: dippipe validate {out}")
 
@@ -377,4 +482,4 @@ def report_command(
         run_report(storage, out, options, open_browser, console)
     except (ReportError, ValueError) as error:
         console.print(f"[red]no report written:[/] {error}")
-        raise typer.Exit(2) from None
+        raise typer.Exit(ExitCode.UNUSABLE) from None

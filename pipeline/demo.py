@@ -149,4 +149,4 @@ def run_demo(
         f"{join(out, 'results')} and {join(out, 'traces')} (Parquet), {join(out, 'run.json')}; "
         f"for pictures and curves: dippipe report {out}"
     )
-    return summary.exit_code
+    return summary.exit_code()

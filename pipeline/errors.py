@@ -14,3 +14,16 @@ class InfrastructureError(DippipeError, RuntimeError):
     """The run stopped because of the infrastructure, not the manifest: workers keep failing,
     no worker was placed in time, OUT cannot take results. Finished jobs are kept and a rerun
     resumes (exit code 3, exit_codes.py)."""
+
+
+class WorkersKeepDying(InfrastructureError):
+    """Every worker keeps dying or failing on infrastructure errors, none finishing a job:
+    the run is stopped rather than spinning (scheduler.py, health.py)."""
+
+
+class NoWorkersError(InfrastructureError):
+    """No worker was placed for --worker-wait seconds, at the start or after losing them all."""
+
+
+class WorkerDeviceError(InfrastructureError):
+    """A worker was given a GPU it cannot use (CUDA broken on its node): never a silent CPU fit."""

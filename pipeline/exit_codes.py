@@ -21,12 +21,15 @@ class ExitCode(IntEnum):
 
 MEANINGS = {
     ExitCode.OK: "every job of the manifest has an ok result",
-    ExitCode.JOBS_FAILED: "some job failed on its own input or params "
-    "(or `validate` found problems); 0 instead with --ok-on-bad-input",
-    ExitCode.UNUSABLE: "the manifest, an option or OUT is unusable, or OUT is locked by a "
-    "live run: nothing ran",
-    ExitCode.INFRASTRUCTURE: "stopped by the infrastructure (workers keep failing, no worker "
-    "within --worker-wait, OUT cannot take results); a rerun resumes",
+    ExitCode.JOBS_FAILED: "some job failed on its own input or params, or killed or outran "
+    "its worker (or `validate` found problems); 0 instead with --ok-on-bad-input when every "
+    "failure is the job's own input or params",
+    ExitCode.UNUSABLE: "the manifest or an option is unusable: nothing ran (or a local OUT "
+    "was refused for a worker on another machine: see --shared-out)",
+    ExitCode.INFRASTRUCTURE: "stopped by the infrastructure: storage unreachable, refused or "
+    "full, OUT locked by another live run, workers keep failing, no worker within "
+    "--worker-wait; or jobs failed for infrastructure reasons on every try. Finished jobs are "
+    "kept; a rerun resumes",
     ExitCode.INTERNAL: "an internal error of dippipe (a defect: please report it)",
     ExitCode.INTERRUPTED: "interrupted (Ctrl-C, SIGTERM); a rerun resumes",
 }

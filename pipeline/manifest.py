@@ -91,6 +91,7 @@ class Job:
     # Values of the row that do not fit the schema (e.g. iterations = 2**40): read as null,
     # reported here as the job's problems.
     problems: tuple[str, ...] = ()
+    spec: str | None = None  # the fingerprint of what decides its result (spec.py)
 
     @property
     def image(self) -> str:
@@ -436,7 +437,7 @@ def _misfit(field: pa.Field, value: Any, found: pa.DataType) -> str:
     return f"column '{field.name}' has {shown}, outside {field.type}'s range {low} to {high}"
 
 
-def job_from_row(values: dict[str, Any], row: int) -> Job:
+def job_from_row(values: dict[str, Any], row: int, spec: str | None = None) -> Job:
     seed = values.get("seed")
     return Job(
         id=values["id"],
@@ -448,6 +449,7 @@ def job_from_row(values: dict[str, Any], row: int) -> Job:
         iterations=values.get("iterations"),
         params=values.get("params"),
         problems=tuple(values.get(ROW_PROBLEMS) or ()),
+        spec=spec,
     )
 
 

@@ -2,24 +2,33 @@
 
 Layout::
 
-    OUT/images/<shard>/<id>.<png|tif>   shard = first two hex digits of sha256(id): 256 folders
-    OUT/results/part-<run>-<n>.parquet   RESULT_SCHEMA, one row per finished job
-    OUT/traces/part-<run>-<n>.parquet    TRACE_SCHEMA, one row per recorded step (ok jobs)
+    OUT/images/<shard>/<id>.<png|tif>          shard = first two hex digits of sha256(id)
+    OUT/results/part-<run>-<n>.parquet          RESULT_SCHEMA, one row per finished job
+    OUT/traces/part-<run>-<n>.parquet           TRACE_SCHEMA, one row per recorded step
+    OUT/results/compact-<tag>-<n>.parquet       many small shards compacted into one; its
+    OUT/traces/compact-<tag>-<n>.parquet        schema metadata lists the shards it replaces
     OUT/run.json
 
 Shards are immutable and written atomically. A results shard is the commit record of its jobs:
 its traces shard (same name) is written first, so a crash between the two leaves an orphan
-trace shard that the next run deletes, and never a trace without its result row.
+trace shard that the next run deletes, and never a trace without its result row. A traces
+shard is read only when its results shard is live.
+
+Small shards are compacted into large ones (compaction.py): the compacted results shard is the
+commit point, and every reader ignores the shards it replaces until they are deleted
+(shards.py), so each row is read exactly once whatever state a crash left. Many shards are read
+in parallel (shards.parallel_map).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,7 +41,21 @@ from pipeline.errors import InfrastructureError
 from pipeline.ids import is_safe_id
 from pipeline.retry import describe
 from pipeline.safetext import printable
+from pipeline.shards import (
+    SUFFIX,
+    live_shards,
+    name_of,
+    parallel_map,
+    read_live,
+    read_shard,
+    remove_all,
+    results_folder,
+    traces_folder,
+    workers_for,
+)
 from pipeline.storage import Storage, is_temp_name, join
+
+log = logging.getLogger("dippipe")
 
 RESULT_SCHEMA = pa.schema(
     [
@@ -80,9 +103,16 @@ TRACE_SCHEMA = pa.schema(
         pa.field("stop_stat", pa.float64()),
     ]
 )
-FLUSH_ROWS = 64
-FLUSH_BYTES = 64 << 20
-FLUSH_SECONDS = 10.0
+# A results shard is written at FLUSH_ROWS jobs, FLUSH_BYTES of buffered results and traces
+# (a fit records every step: ~30 bytes each, so 2,000 steps make ~60 KB a job), or after
+# FLUSH_SECONDS, whichever comes first. A crash loses at most that one buffer, whose jobs
+# simply run again: 2 minutes of the cluster's work at worst. At 0.3-1 job/s a flush then
+# carries 40-120 jobs instead of a handful: 1M jobs make 8-25k shards, not 100k+, and the
+# writer's compaction (compaction.py) folds them into a few hundred as the run goes. The byte
+# bound keeps the driver's buffer and each shard small whatever the traces' length.
+FLUSH_ROWS = 2000
+FLUSH_BYTES = 32 << 20
+FLUSH_SECONDS = 120.0
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
 # error_kind of a failed row. "job": its own input or params (bad file, bad value), final;
@@ -138,9 +168,10 @@ class OutputWriteError(InfrastructureError):
 
 
 class ShardWriter:
-    """Buffers outcomes and writes them as immutable shards every `flush_rows` jobs or
-    `flush_seconds`, so a crash loses at most one buffer while a million jobs do not make a
-    million files."""
+    """Buffers outcomes and writes them as immutable shards at `flush_rows` jobs, `flush_bytes`
+    of buffered rows and traces, or `flush_seconds`, so a crash loses at most one buffer while
+    a million jobs do not make a million files. Every `compact_every` flushes (0: never) it
+    compacts small shards (compaction.py), a bounded amount at a time."""
 
     def __init__(
         self,
@@ -150,14 +181,20 @@ class ShardWriter:
         flush_seconds: float = FLUSH_SECONDS,
         flush_bytes: int = FLUSH_BYTES,
         run_id: str | None = None,
+        compact_every: int | None = None,  # None: compaction.COMPACT_EVERY
     ) -> None:
         self.storage, self.out = storage, out
         self.flush_rows, self.flush_seconds = flush_rows, flush_seconds
         self.flush_bytes = flush_bytes
+        self.compact_every = compact_every
         self.run_tag = run_id or new_run_id()  # names the shards, stamped on every row
         self._rows: list[dict[str, Any]] = []
-        self._traces: list[dict[str, list]] = []
+        self._traces: list[pa.RecordBatch] = []
+        self._bytes = 0  # estimate of the buffer as Arrow data
         self._count = 0
+        self._compactions = 0
+        self._since_compaction = 0
+        self._flushed_bytes = 0  # since the last compaction (Arrow size: above what is stored)
         self._last_flush = time.monotonic()
         self.broken: OutputWriteError | None = None
 
@@ -165,11 +202,14 @@ class ShardWriter:
         row = dict(outcome.row)
         row.setdefault("finished_at", datetime.now(timezone.utc))
         row["run_id"] = self.run_tag
-        self._rows.append(row)
         steps = len(outcome.trace["step"])
         trace = {key: outcome.trace.get(key, [None] * steps) for key in TRACE_SCHEMA.names[1:]}
-        self._traces.append({"id": [row["id"]] * steps, **trace})
-        if len(self._rows) >= self.flush_rows or self._due():
+        # Arrow now, not at the flush: a Python list of floats takes ~4x the memory.
+        batch = pa.record_batch({"id": [row["id"]] * steps, **trace}, schema=TRACE_SCHEMA)
+        self._rows.append(row)
+        self._traces.append(batch)
+        self._bytes += batch.nbytes + _row_bytes(row)
+        if len(self._rows) >= self.flush_rows or self._bytes >= self.flush_bytes or self._due():
             self.flush()
 
     def _due(self) -> bool:
@@ -191,12 +231,10 @@ class ShardWriter:
         if not self._rows:
             return
         name = f"part-{self.run_tag}-{self._count:05d}.parquet"
-        traces = {key: [v for t in self._traces for v in t[key]] for key in TRACE_SCHEMA.names}
+        traces = pa.Table.from_batches(self._traces, schema=TRACE_SCHEMA)
         results = pa.Table.from_pylist(self._rows, schema=RESULT_SCHEMA)
         try:
-            self.storage.write_parquet(
-                join(self.out, "traces", name), pa.table(traces, schema=TRACE_SCHEMA)
-            )
+            self.storage.write_parquet(join(self.out, "traces", name), traces)
             self.storage.write_parquet(join(self.out, "results", name), results)
         except OSError as error:
             self.broken = OutputWriteError(
@@ -205,88 +243,212 @@ class ShardWriter:
                 "when the command is rerun"
             )
             raise self.broken from error
-        self._rows, self._traces = [], []
+        self._flushed_bytes += self._bytes
+        self._rows, self._traces, self._bytes = [], [], 0
         self._count += 1
+        self._since_compaction += 1
+        self._maybe_compact()
+
+    def _maybe_compact(self) -> None:
+        """Compact small shards every `compact_every` flushes. A failure is only logged: the
+        shards stay readable as they are, and the next compaction (or run) resumes it."""
+        from pipeline import compaction  # it imports this module's schemas
+
+        every = compaction.COMPACT_EVERY if self.compact_every is None else self.compact_every
+        if every <= 0 or self._since_compaction < every:
+            return
+        budget = max(compaction.RUN_BUDGET, self._flushed_bytes)
+        self._since_compaction, self._flushed_bytes = 0, 0
+        self._compactions += 1
+        tag = f"{self.run_tag}-{self._compactions:04d}"
+        try:
+            done = compaction.compact(self.storage, self.out, tag, budget=budget)
+        except (OSError, pa.ArrowException) as error:
+            log.warning("compacting the results shards failed (%s); left for later",
+                        describe(error))  # fmt: skip
+            return
+        log.info("compacted %d results shard(s) into %d", done.sources, done.groups)
+
+
+def _row_bytes(row: dict[str, Any]) -> int:
+    """About what a result row takes as Arrow data: 8 bytes a value, plus its text."""
+    return sum(len(v) + 8 if isinstance(v, str) else 8 for v in row.values())
+
+
+SPECS_SCHEMA = pa.schema([pa.field("id", pa.string()), pa.field("spec", pa.string())])
 
 
 @dataclass(frozen=True)
 class PriorResults:
-    """Ids that earlier runs finished, as Arrow arrays (cheap for a million rows)."""
+    """Ids that earlier runs finished, as Arrow arrays (cheap for a million rows).
+
+    ``retryable``: failed ids whose failed rows all say KIND_INFRA and that have no ok row: a
+    plain rerun runs them again (rows of older runs, without error_kind, are plain failures).
+    ``bad_input``: failed ids whose failed rows all say KIND_JOB (their own input or params).
+    ``ok_specs``: id and spec of the ok rows that recorded a spec (spec.py)."""
 
     ok: pa.Array
     failed: pa.Array
+    retryable: pa.Array = field(default_factory=lambda: pa.array([], pa.string()))
+    bad_input: pa.Array = field(default_factory=lambda: pa.array([], pa.string()))
+    ok_specs: pa.Table = field(default_factory=lambda: SPECS_SCHEMA.empty_table())
 
     def finished_mask(self, ids: pa.Array, retry_failed: bool) -> pa.Array:
         done = pc.is_in(ids, value_set=self.ok)
         if retry_failed:
             return done
-        return pc.or_(done, pc.is_in(ids, value_set=self.failed))
+        final = pc.and_(
+            pc.is_in(ids, value_set=self.failed),
+            pc.invert(pc.is_in(ids, value_set=self.retryable)),
+        )
+        return pc.or_(done, final)
 
 
 def result_shards(storage: Storage, out: str) -> list[str]:
-    return storage.list_files(join(out, "results"), ".parquet")
+    """URIs of the live results shards (not those a compacted shard replaces)."""
+    return live_shards(storage, out)[0]
+
+
+PRIOR_COLUMNS = ("id", "status", "error_kind", "spec")
 
 
 def read_prior(storage: Storage, out: str) -> PriorResults:
-    tables = [storage.read_parquet(u, ["id", "status"]) for u in result_shards(storage, out)]
+    tables = [_with_columns(t, PRIOR_COLUMNS) for _, t in read_live(storage, out, PRIOR_COLUMNS)]
     if not tables:
-        empty = pa.array([], pa.string())
-        return PriorResults(empty, empty)
+        return PriorResults(pa.array([], pa.string()), pa.array([], pa.string()))
     table = pa.concat_tables(tables)
-    ok_mask = pc.equal(table.column("status"), STATUS_OK)
-    ok = pc.unique(pc.filter(table.column("id"), ok_mask).combine_chunks())
-    failed = pc.unique(pc.filter(table.column("id"), pc.invert(ok_mask)).combine_chunks())
-    return PriorResults(ok, failed)
+    ids = table.column("id")
+    is_ok = pc.fill_null(pc.equal(table.column("status"), STATUS_OK), False)
+    is_infra = pc.fill_null(pc.equal(table.column("error_kind"), KIND_INFRA), False)
+    ok = pc.unique(pc.filter(ids, is_ok).combine_chunks())
+    failed = pc.unique(pc.filter(ids, pc.invert(is_ok)).combine_chunks())
+    final = pc.filter(ids, pc.and_(pc.invert(is_ok), pc.invert(is_infra))).combine_chunks()
+    infra = pc.unique(pc.filter(ids, pc.and_(pc.invert(is_ok), is_infra)).combine_chunks())
+    keep = pc.invert(pc.or_(pc.is_in(infra, value_set=ok), pc.is_in(infra, value_set=final)))
+    is_job = pc.fill_null(pc.equal(table.column("error_kind"), KIND_JOB), False)
+    other = pc.filter(ids, pc.and_(pc.invert(is_ok), pc.invert(is_job))).combine_chunks()
+    bad = pc.unique(pc.filter(ids, pc.and_(pc.invert(is_ok), is_job)).combine_chunks())
+    bad = pc.filter(bad, pc.invert(pc.or_(pc.is_in(bad, value_set=ok),
+                                          pc.is_in(bad, value_set=other))))  # fmt: skip
+    specs = table.select(["id", "spec"]).filter(pc.and_(is_ok, pc.is_valid(table.column("spec"))))
+    return PriorResults(ok, failed, pc.filter(infra, keep), bad, specs)
+
+
+def _with_columns(table: pa.Table, names: tuple[str, ...]) -> pa.Table:
+    """`names` of RESULT_SCHEMA, in order; a column an older shard lacks is nulls."""
+    fields = [RESULT_SCHEMA.field(n) for n in names]
+    return pa.table(
+        [
+            table.column(f.name).cast(f.type)
+            if f.name in table.column_names
+            else pa.nulls(len(table), f.type)
+            for f in fields
+        ],
+        schema=pa.schema(fields),
+    )
 
 
 def remove_orphan_traces(storage: Storage, out: str) -> int:
     """Delete trace shards whose results shard was never written (a crash between the two),
-    and the hidden temporary files a killed run left on a local OUT (see sweep_temp_files)."""
+    and the hidden temporary files a killed run left on a local OUT (see sweep_temp_files).
+    Traces of replaced shards are compaction's to delete (compaction.remove_replaced)."""
     sweep_temp_files(out)
-    committed = {uri.rsplit("/", 1)[-1] for uri in result_shards(storage, out)}
+    committed = {name_of(u) for u in storage.list_files(results_folder(out), SUFFIX)}
     orphans = [
         uri
-        for uri in storage.list_files(join(out, "traces"), ".parquet")
-        if uri.rsplit("/", 1)[-1] not in committed
+        for uri in storage.list_files(traces_folder(out), SUFFIX)
+        if name_of(uri) not in committed
     ]
-    for uri in orphans:
-        storage.remove(uri)
-    return len(orphans)
+    return remove_all(storage, orphans)
 
 
 def drop_failed_rows(storage: Storage, out: str, ids: Iterable[str] | pa.Array) -> int:
-    """Rewrite, atomically, each results shard holding failed rows of `ids` without them.
+    """Rewrite, atomically, each live results shard holding failed rows of `ids` without them
+    (keeping its schema metadata: a compacted shard still names what it replaces).
 
     Done before those jobs run again, so a crash at any point leaves at most one row per id
     (the job is simply pending again)."""
+    return _drop(storage, out, ids, failed_only=True)
+
+
+def drop_rows(storage: Storage, out: str, ids: Iterable[str] | pa.Array) -> int:
+    """drop_failed_rows for every row of `ids`, ok ones too (e.g. to rerun them). Their trace
+    rows stay in the traces shards but are no longer read: a trace row counts only while its
+    id has a row in the results shard of the same name (read_traces, compaction)."""
+    return _drop(storage, out, ids, failed_only=False)
+
+
+def _drop(storage: Storage, out: str, ids: Iterable[str] | pa.Array, failed_only: bool) -> int:
     value_set = ids if isinstance(ids, pa.Array) else pa.array(list(ids), pa.string())
-    dropped = 0
-    for uri in result_shards(storage, out):
-        table = storage.read_parquet(uri)
-        drop = pc.and_(
-            pc.is_in(table.column("id"), value_set=value_set),
-            pc.not_equal(table.column("status"), STATUS_OK),
-        )
-        count = pc.sum(drop).as_py() or 0
-        if count:
-            storage.write_parquet(uri, table.filter(pc.invert(drop)))
-            dropped += count
+
+    def matches(table: pa.Table) -> pa.Array:
+        mine = pc.is_in(table.column("id"), value_set=value_set)
+        if not failed_only:
+            return mine
+        return pc.and_(mine, pc.fill_null(pc.not_equal(table.column("status"), STATUS_OK), True))
+
+    live = read_live(storage, out, ["id", "status"])
+    if not live:
+        return 0
+    # One lookup over every live row (the id set hashed once), then split by shard.
+    mask = matches(pa.concat_tables([_with_columns(t, ("id", "status")) for _, t in live]))
+    dropped, offset = 0, 0
+    for name, table in live:
+        hit = pc.any(mask.slice(offset, len(table))).as_py()
+        offset += len(table)
+        if not hit:
+            continue
+        uri = join(results_folder(out), name)
+        table = read_shard(storage, uri)
+        drop = matches(table)
+        dropped += pc.sum(drop).as_py() or 0
+        storage.write_parquet(uri, table.filter(pc.invert(drop)))
     return dropped
 
 
+def read_columns(storage: Storage, out: str, columns: Iterable[str]) -> pa.Table:
+    """`columns` (of RESULT_SCHEMA) of every live result row, read in parallel; a column that
+    shards of older versions lack is null there."""
+    names = tuple(columns)
+    tables = [_with_columns(t, names) for _, t in read_live(storage, out, names)]
+    if not tables:
+        return pa.schema([RESULT_SCHEMA.field(n) for n in names]).empty_table()
+    return pa.concat_tables(tables)
+
+
 def read_results(storage: Storage, out: str) -> pa.Table:
-    shards = result_shards(storage, out)
-    if not shards:
+    tables = [table for _, table in read_live(storage, out)]
+    if not tables:
         return RESULT_SCHEMA.empty_table()
-    tables = [storage.read_parquet(uri) for uri in shards]
     return pa.concat_tables(tables, promote_options="default")
 
 
+def iter_result_shards(
+    storage: Storage, out: str, columns: Iterable[str] | None = None
+) -> Iterator[tuple[str, pa.Table]]:
+    """(shard name, table) of each live results shard, streamed: a few shards are read ahead
+    in parallel, never all of them at once."""
+    columns = None if columns is None else list(columns)
+    uris = result_shards(storage, out)
+    tables = parallel_map(lambda u: read_shard(storage, u, columns), uris, workers_for(out))
+    for uri, table in zip(uris, tables, strict=True):
+        yield name_of(uri), table.replace_schema_metadata(None)
+
+
 def read_traces(storage: Storage, out: str) -> pa.Table:
-    shards = storage.list_files(join(out, "traces"), ".parquet")
+    """Every trace row whose id has a row in the live results shard of the same name (not
+    those of orphans, of replaced shards, nor of dropped rows)."""
+    live = {name: table.column("id") for name, table in read_live(storage, out, ["id"])}
+    shards = [u for u in storage.list_files(traces_folder(out), SUFFIX) if name_of(u) in live]
     if not shards:
         return TRACE_SCHEMA.empty_table()
-    return pa.concat_tables([storage.read_parquet(uri) for uri in shards])
+
+    def read(uri: str) -> pa.Table:
+        table = read_shard(storage, uri).replace_schema_metadata(None)
+        return table.filter(pc.is_in(table.column("id"), value_set=live[name_of(uri)]))
+
+    tables = parallel_map(read, shards, workers_for(out))
+    return pa.concat_tables(tables, promote_options="default")
 
 
 def sweep_temp_files(out: str) -> int:

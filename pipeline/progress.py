@@ -10,7 +10,6 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from rich.console import Console
 from rich.progress import (
@@ -21,51 +20,12 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from rich.table import Table
-from rich.text import Text
 
-from pipeline.safetext import printable
+from pipeline.summary import RunSummary
 
-MAX_ERRORS_SHOWN = 20
 DEFAULT_LOG_EVERY = 60.0  # seconds between progress lines when stderr is not a terminal
 
 Clock = Callable[[], float]
-
-
-@dataclass
-class RunSummary:
-    """Counts of one `dippipe run`; `exit_code` is non-zero when any manifest job failed."""
-
-    manifest_rows: int = 0
-    pending: int = 0
-    skipped_ok: int = 0
-    skipped_failed: int = 0
-    ok: int = 0
-    failed: int = 0
-    worker_deaths: int = 0
-    steps: int = 0
-    seconds: float = 0.0  # from starting the workers to the last result
-    busy_seconds: float = 0.0  # from the first job handed out to the last result
-    interrupted: bool = False
-    errors: list[tuple[str, str]] = field(default_factory=list)
-
-    @property
-    def exit_code(self) -> int:
-        if self.interrupted:
-            return 130
-        return 1 if (self.failed or self.skipped_failed) else 0
-
-    def record(self, job_id: str, ok: bool, iterations: int | None, error: str | None) -> None:
-        if ok:
-            self.ok += 1
-            self.steps += iterations or 0
-        else:
-            self.failed += 1
-            if len(self.errors) < MAX_ERRORS_SHOWN:
-                self.errors.append((job_id, error or ""))
-
-    def as_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "errors"}
 
 
 def resolve_log_every(setting: float | None, is_terminal: bool) -> float:
@@ -229,34 +189,3 @@ class ProgressView:
             running=running,
             rate=f"{rate:.1f}",
         )
-
-
-def summary_table(summary: RunSummary, out: str) -> Table:
-    table = Table(title=f"dippipe run -> {out}", show_header=True)
-    table.add_column("what")
-    table.add_column("count", justify="right")
-    rows = [
-        ("manifest rows", summary.manifest_rows),
-        ("already ok (skipped)", summary.skipped_ok),
-        ("failed earlier (skipped; --retry-failed reruns them)", summary.skipped_failed),
-        ("ran: ok", summary.ok),
-        ("ran: failed", summary.failed),
-        ("worker processes replaced", summary.worker_deaths),
-    ]
-    for name, value in rows:
-        table.add_row(name, str(value))
-    ran = summary.ok + summary.failed
-    if ran:
-        table.add_row("seconds (wall)", f"{summary.seconds:.1f}")
-        table.add_row("jobs per minute", f"{60 * ran / max(summary.seconds, 1e-6):.2f}")
-        table.add_row("steps per second", f"{summary.steps / max(summary.seconds, 1e-6):.1f}")
-    return table
-
-
-def errors_table(summary: RunSummary) -> Table:
-    table = Table(title="failed jobs (first 20)", show_header=True)
-    table.add_column("id")
-    table.add_column("error", overflow="fold")
-    for job_id, error in summary.errors:  # Text: never read as markup; escapes made visible
-        table.add_row(Text(printable(job_id)), Text(printable(error, 2000)))
-    return table

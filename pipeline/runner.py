@@ -11,24 +11,22 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import re
 import shutil
 import signal
-import socket
-import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
-from datetime import datetime, timezone
-from importlib import metadata
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, replace
+from typing import Any, NoReturn
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 from rich.console import Console
 
-from pipeline.errors import DippipeError
+from pipeline.compaction import RESUME_BUDGET, compact
+from pipeline.errors import DippipeError, InfrastructureError
+from pipeline.faults import is_infrastructure
 from pipeline.lock import DEFAULT_STALE_SECONDS, OutLock
 from pipeline.lookahead import DEFAULT_DEPTH
 from pipeline.manifest import (
@@ -43,13 +41,19 @@ from pipeline.outputs import (
     FLUSH_BYTES,
     FLUSH_ROWS,
     FLUSH_SECONDS,
-    JobOutcome,
+    OutputWriteError,
+    PriorResults,
     ShardWriter,
     drop_failed_rows,
+    drop_rows,
+    new_run_id,
     read_prior,
     remove_orphan_traces,
 )
-from pipeline.progress import ProgressView, RunSummary, resolve_log_every
+from pipeline.progress import ProgressView, resolve_log_every
+from pipeline.retry import describe
+from pipeline.run_metrics import RunMetrics
+from pipeline.run_record import RunRecord, redact
 from pipeline.scheduler import (
     DEFAULT_STALL_SECONDS,
     DEFAULT_WORKER_INFRA_ERRORS,
@@ -57,14 +61,15 @@ from pipeline.scheduler import (
     PoolSpec,
     Scheduler,
 )
-from pipeline.storage import Storage, StorageOptions, join
+from pipeline.sink import OutcomeSink
+from pipeline.spec import changed_specs, spec_fingerprints
+from pipeline.storage import Storage, StorageOptions, is_local_path, join
+from pipeline.summary import RunSummary
 from pipeline.worker import WorkerConfig
 
 log = logging.getLogger("dippipe")
-VERSIONED = (
-    *("dippipe", "torch", "ray", "pyarrow", "fsspec", "s3fs", "pillow", "numpy"),
-    *("tifffile", "imagecodecs"),
-)
+SPEC_BATCH_ROWS = 65536  # manifest rows read (and checked for changed specs) at once
+JOB_BATCH_ROWS = 1024  # of which Job objects made at once
 
 
 class RunError(DippipeError, RuntimeError):
@@ -99,6 +104,7 @@ class RunConfig:
     worker_infra_errors: int = DEFAULT_WORKER_INFRA_ERRORS
     shared_out: bool = False  # a local OUT is a path every node of the cluster shares
     rerun_changed: bool = False  # rerun finished jobs whose spec changed (else: warn)
+    metrics_port: int | None = None  # the embedded local Ray serves Prometheus metrics here
     show_progress: bool = True
     # Seconds between plain progress lines in the log; None: 60 when stderr is not a
     # terminal (the bar draws nothing there), else off; 0 = off (progress.py ProgressLines).
@@ -124,37 +130,119 @@ def run(config: RunConfig, console: Console | None = None) -> RunSummary:
     """Run every pending job of the manifest; returns the counts (see RunSummary.exit_code)."""
     console = console or Console(stderr=True)
     storage = Storage(config.storage)
-    info = inspect_manifest(storage, config.manifest)  # raises ManifestError before any work
-    lock = OutLock(
-        storage, config.out, stale_seconds=config.stale_lock_seconds, force=config.force_unlock
-    )
-    with lock:  # OutLockedError when another live run holds OUT (lock.py)
-        return _run_locked(config, console, storage, info)
+    with _storage_errors(work_ran=False):  # no credentials, no permission, storage down
+        info = inspect_manifest(storage, config.manifest)  # ManifestError before any work
+        lock = OutLock(storage, config.out, stale_seconds=config.stale_lock_seconds,
+                       force=config.force_unlock)  # fmt: skip
+        with lock:  # OutLockedError when another live run holds OUT (lock.py)
+            return _run_locked(config, console, storage, info, lock)
 
 
-def _run_locked(config: RunConfig, console: Console, storage: Storage, info) -> RunSummary:
+class StartStorageError(InfrastructureError):
+    """The storage refused or failed the driver before any work (no credentials, no
+    permission, unreachable): exit 3, since a retry elsewhere (another node's role, storage
+    back) may succeed where nothing in the manifest would change."""
+
+
+_LOST = (
+    "OUT's lock was taken over by another run: this run's unrecorded results are "
+    "dropped, the jobs stay pending for the run that holds OUT"
+)
+
+
+class DriverStorageError(InfrastructureError):
+    """The driver lost its storage (credentials expired, permission withdrawn, storage down
+    past the retries) after jobs ran: finished jobs are kept, a rerun resumes."""
+
+
+@contextlib.contextmanager
+def _storage_errors(work_ran: bool) -> Iterator[None]:
+    """Turn the driver's own storage errors (faults.py: credentials, permissions, a full
+    disk, storage unavailable; or any OSError) into one clear error (exit 3): before any work a
+    StartStorageError, after it a DriverStorageError."""
+    try:
+        yield
+    except DippipeError:
+        raise
+    except Exception as error:
+        if not (isinstance(error, OSError) or is_infrastructure(error)):
+            raise
+        if work_ran:
+            raise DriverStorageError(f"storage failed: {describe(error)}; finished jobs are "
+                                     "kept, rerun to resume") from error  # fmt: skip
+        raise StartStorageError(f"cannot use the storage: {describe(error)}; nothing was "
+                                "run") from error  # fmt: skip
+
+
+def _run_locked(
+    config: RunConfig, console: Console, storage: Storage, info: ManifestInfo, lock: OutLock
+) -> RunSummary:
     summary = RunSummary(manifest_rows=info.num_rows)
-    finished = _prepare_out(storage, config, info, summary)
+    finished, prior = _prepare_out(storage, config, info, summary)
+    if config.rerun_changed and summary.skipped_ok:
+        finished = _rerun_changed(storage, config, info, summary, prior.ok_specs, finished)
     _warn_if_format_changed(storage, config, summary)
-    run_json = _RunRecord(storage, config)
+    run_json = RunRecord(storage, config, lock.run_id)  # one id: lock, rows, runs/<id>.json
     run_json.write(summary)
     if summary.pending == 0:
+        if not config.rerun_changed:  # no job streams past the finished rows: check them here
+            batches = iter_batches(storage, info, SPEC_BATCH_ROWS)
+            params = config.worker.param_defaults
+            _warn_changed(changed_specs(batches, prior.ok_specs, params).ids, summary)
         log.info("nothing to do: every job of the manifest already has a result in %s", config.out)
         run_json.write(summary, finished=True)
         return summary
-    started, temp_dir = _connect(config)
     try:
-        _schedule(config, storage, info, finished, summary, console, run_json)
+        started, temp_dir = _connect(config)
+    except (ConnectionError, TimeoutError) as error:  # not a storage error: say what it is
+        raise RunError(
+            f"cannot reach the Ray cluster {config.address}: {describe(error)}"
+        ) from error
+    try:
+        with _storage_errors(work_ran=True):
+            _schedule(config, storage, info, finished, prior, summary, console, run_json, lock)
     finally:
         if started:
             ray.shutdown()
         if temp_dir:
             shutil.rmtree(temp_dir, ignore_errors=True)
         try:
-            run_json.write(summary, finished=True)
+            if not lock.lost:  # a lost lock's new holder owns run.json
+                run_json.write(summary, finished=True)
         except OSError as error:  # e.g. a full disk: must not hide why the run stopped
             log.warning("could not update run.json: %s", error)
     return summary
+
+
+def _rerun_changed(
+    storage: Storage,
+    config: RunConfig,
+    info: ManifestInfo,
+    summary: RunSummary,
+    recorded: pa.Table,
+    finished: pa.Array,
+) -> pa.Array:
+    """--rerun-changed: drop the rows of the finished ids whose spec changed since they ran
+    (spec.py) and make them pending again. Returns ``finished``, updated. One pass over the
+    manifest before the first job; without the flag the same check runs as the jobs stream
+    (pending_jobs), and costs the start nothing."""
+    changed = changed_specs(iter_batches(storage, info, SPEC_BATCH_ROWS), recorded,
+                            config.worker.param_defaults)  # fmt: skip
+    if not changed.ids:
+        return finished
+    dropped = drop_rows(storage, config.out, pa.array(changed.ids, pa.string()))
+    log.info("running again %d job(s) whose spec changed (%d old row(s) removed): %s",
+             len(changed.ids), dropped, _some(changed.ids))  # fmt: skip
+    mask = finished.to_numpy(zero_copy_only=False).copy()
+    mask[changed.rows] = False
+    summary.changed_specs = len(changed.ids)
+    summary.skipped_ok -= len(changed.ids)
+    summary.pending += len(changed.ids)
+    return pa.array(mask)
+
+
+def _some(ids: list[str], shown: int = 5) -> str:
+    return ", ".join(ids[:shown]) + (", ..." if len(ids) > shown else "")
 
 
 def _warn_if_format_changed(storage: Storage, config: RunConfig, summary: RunSummary) -> None:
@@ -171,41 +259,84 @@ def _warn_if_format_changed(storage: Storage, config: RunConfig, summary: RunSum
         now = config.worker.output_format
         log.warning("an earlier run on %s wrote images with --format %s; its %d finished "
                     "job(s) keep them, the jobs run now are written with --format %s",
-                    _redact(config.out), before, summary.skipped_ok, now)  # fmt: skip
+                    redact(config.out), before, summary.skipped_ok, now)  # fmt: skip
 
 
-def _prepare_out(storage: Storage, config: RunConfig, info: ManifestInfo, summary: RunSummary):
-    """Read what earlier runs finished; with --retry-failed, drop the rows to be superseded.
+def _prepare_out(
+    storage: Storage, config: RunConfig, info: ManifestInfo, summary: RunSummary
+) -> tuple[pa.Array, PriorResults]:
+    """Clean up after an interrupted run (orphan traces, an unfinished compaction), compact
+    small shards (a bounded amount: the writer does the rest), read what earlier runs
+    finished, and drop the rows to be superseded: failed ones with --retry-failed, and always
+    those that failed for infrastructure reasons (PriorResults.retryable).
     Returns, per manifest row, whether it already has its final result (one lookup over
-    every id: a hash of the earlier ids is built once, not once per batch)."""
+    every id: a hash of the earlier ids is built once, not once per batch), and what earlier
+    runs finished."""
     orphans = remove_orphan_traces(storage, config.out)
     if orphans:
         log.info("removed %d trace shard(s) left by an interrupted run", orphans)
+    done = compact(storage, config.out, "resume-" + new_run_id(), budget=RESUME_BUDGET)
+    if done.groups or done.removed:
+        log.info("compacted %d results shard(s) into %d (%d row(s)); %d small shard(s) left "
+                 "for the run to compact; %d file(s) of an interrupted compaction removed",
+                 done.sources, done.groups, done.rows, done.left, done.removed)  # fmt: skip
     prior = read_prior(storage, config.out)
     ids = read_ids(storage, info)  # every part of a folder / glob manifest, in order
     ok = pc.is_in(ids, value_set=prior.ok)
     failed = pc.and_(pc.is_in(ids, value_set=prior.failed), pc.invert(ok))
+    retry = failed if config.retry_failed else pc.is_in(ids, value_set=prior.retryable)
     summary.skipped_ok = pc.sum(ok).as_py() or 0
-    failed_count = pc.sum(failed).as_py() or 0
-    if config.retry_failed and failed_count:
-        dropped = drop_failed_rows(storage, config.out, pc.filter(ids, failed))
-        log.info("retrying %d failed job(s) (%d old row(s) removed)", failed_count, dropped)
-    else:
-        summary.skipped_failed = failed_count
+    retry_count = pc.sum(retry).as_py() or 0
+    summary.skipped_failed = (pc.sum(failed).as_py() or 0) - retry_count
+    if retry_count:
+        dropped = drop_failed_rows(storage, config.out, pc.filter(ids, retry))
+        why = "failed" if config.retry_failed else "infrastructure-failed"
+        log.info("retrying %d %s job(s) (%d old row(s) removed)", retry_count, why, dropped)
     summary.pending = info.num_rows - summary.skipped_ok - summary.skipped_failed
-    return ok if config.retry_failed else pc.or_(ok, failed)
+    final = pc.and_(failed, pc.invert(retry))
+    bad_input = pc.and_(final, pc.is_in(ids, value_set=prior.bad_input))
+    summary.skipped_failed_bad_input = pc.sum(bad_input).as_py() or 0
+    return pc.or_(ok, final), prior
 
 
-def pending_jobs(storage: Storage, info: ManifestInfo, finished_rows: pa.Array) -> Iterator[Job]:
+def pending_jobs(
+    storage: Storage,
+    info: ManifestInfo,
+    finished_rows: pa.Array,
+    param_defaults: Mapping[str, Any] | None = None,
+    recorded: pa.Table | None = None,
+    summary: RunSummary | None = None,
+) -> Iterator[Job]:
     """Manifest rows without a result yet (``finished_rows`` from _prepare_out), streamed
-    batch by batch."""
+    batch by batch, each with its spec fingerprint (spec.py) under ``param_defaults``.
+    With ``recorded`` (id and spec of the earlier ok rows), finished rows whose spec changed
+    since are counted in ``summary.changed_specs`` and named in one warning at the end."""
     row = 0
-    for batch in iter_batches(storage, info, batch_rows=1024):
+    changed: list[str] = []
+    for batch in iter_batches(storage, info, batch_rows=SPEC_BATCH_ROWS):
         done = finished_rows.slice(row, batch.num_rows)
-        for values, finished in zip(batch.to_pylist(), done.to_pylist(), strict=True):
-            if not finished:
-                yield job_from_row(values, row)
-            row += 1
+        if recorded is not None and len(recorded):
+            changed += changed_specs([batch.filter(done)], recorded, param_defaults).ids
+        todo = pc.indices_nonzero(pc.invert(done))
+        for start in range(0, len(todo), JOB_BATCH_ROWS):  # Python objects a slice at a time
+            some = todo.slice(start, JOB_BATCH_ROWS)
+            pending = batch.take(some)
+            specs = spec_fingerprints(pending, param_defaults).to_pylist()
+            for index, values, spec in zip(some.to_pylist(), pending.to_pylist(), specs,
+                                           strict=True):  # fmt: skip
+                yield job_from_row(values, row + index, spec)
+        row += batch.num_rows
+    _warn_changed(changed, summary)
+
+
+def _warn_changed(changed: list[str], summary: RunSummary | None) -> None:
+    if not changed:
+        return
+    if summary is not None:
+        summary.changed_specs = len(changed)
+    log.warning("%d finished job(s) have another spec in the manifest now (task, inputs, "
+                "scale, iterations, seed or params): %s; they keep their results; "
+                "--rerun-changed runs them again", len(changed), _some(changed))  # fmt: skip
 
 
 def _connect(config: RunConfig) -> tuple[bool, str | None]:
@@ -223,6 +354,7 @@ def _connect(config: RunConfig) -> tuple[bool, str | None]:
         include_dashboard=False,
         logging_level=logging.WARNING,
         num_cpus=_local_cpus(config),
+        _metrics_export_port=config.metrics_port,
     )
     return True, temp_dir
 
@@ -232,6 +364,36 @@ def _local_cpus(config: RunConfig) -> int | None:
     if config.workers and not config.gpus:
         return max(1, int(config.workers * config.cpus_per_worker + 0.999))
     return None
+
+
+def _placement_check(config: RunConfig) -> Callable[[dict[str, Any]], None] | None:
+    """With a local OUT, refuse a worker placed on another machine (its images would land on
+    that machine's disk, out of the driver's sight) unless --shared-out says every node sees
+    the same path. None when there is nothing to check. A cluster that already has another
+    machine is refused here, before any work; one that gains it later (an autoscaler), when
+    a worker is placed there."""
+    if config.shared_out or not is_local_path(config.out):
+        return None
+    here = ray.util.get_node_ip_address()
+
+    def refuse(what: str, node: str) -> NoReturn:
+        raise RunError(
+            f"{what} node {node}, but OUT {config.out} is a local path of this machine "
+            f"({here}): use an OUT every node can reach (s3://...), or --shared-out if the "
+            "path is shared (NFS...)"
+        )
+
+    if ray.is_initialized():
+        for node in ray.nodes():
+            address = node.get("NodeManagerAddress")
+            if node.get("Alive") and address and address != here:
+                refuse("the Ray cluster has", address)
+
+    def check(worker: dict[str, Any]) -> None:
+        if worker.get("node") not in (None, here):
+            refuse(f"{worker.get('worker')} was placed on", str(worker["node"]))
+
+    return check
 
 
 def plan_pool(config: RunConfig, pending: int) -> PoolSpec:
@@ -250,11 +412,10 @@ def plan_pool(config: RunConfig, pending: int) -> PoolSpec:
     return PoolSpec(min(workers, pending), 0, config.cpus_per_worker)
 
 
-def _schedule(config, storage, info, finished, summary, console, run_json) -> None:
+def _schedule(config, storage, info, finished, prior, summary, console, run_json, lock) -> None:
     pool = plan_pool(config, summary.pending)
-    writer = ShardWriter(
-        storage, config.out, config.flush_rows, config.flush_seconds, config.flush_bytes
-    )
+    writer = ShardWriter(storage, config.out, config.flush_rows, config.flush_seconds,
+                         config.flush_bytes, run_id=run_json.run_id)  # fmt: skip
     view = ProgressView(
         console,
         summary.pending,
@@ -263,21 +424,14 @@ def _schedule(config, storage, info, finished, summary, console, run_json) -> No
         summary=summary,
     )
 
-    def on_outcome(outcome: JobOutcome) -> None:
-        for uri, data in outcome.files.items():  # memory:// outputs of a worker process
-            storage.write_bytes(uri, data)
-        writer.add(outcome)
-        row = outcome.row
-        summary.record(row["id"], outcome.ok, row.get("iterations"), row.get("error"))
-        where = f"{row.get('worker')} on node {row.get('node')}"
-        if outcome.ok:
-            log.info("job %s ok on %s in %.1f s", row["id"], where, row.get("seconds") or 0.0)
-        else:
-            log.warning("job %s failed on %s: %s", row["id"], where, row.get("error"))
+    placement = _placement_check(config)  # before any work: RunError, nothing ran
+    metrics = RunMetrics()
+    sink = OutcomeSink(storage, writer, summary, metrics)
 
     def on_tick(running: int, live_steps: int) -> None:
         writer.tick()
         view.update(summary, running, live_steps)
+        metrics.progress(running, summary.pending - summary.ok - summary.failed - running)
 
     worker = config.worker
     if worker.threads is None:  # the CPUs each worker reserves, as torch threads
@@ -286,7 +440,7 @@ def _schedule(config, storage, info, finished, summary, console, run_json) -> No
         pool,
         worker,
         storage,
-        on_outcome,
+        sink,
         on_tick,
         config.max_attempts,
         lookahead=max(0, config.lookahead),
@@ -295,6 +449,7 @@ def _schedule(config, storage, info, finished, summary, console, run_json) -> No
         stall_seconds=config.stall_seconds,
         worker_wait=config.worker_wait,
         worker_infra_errors=config.worker_infra_errors,
+        on_placed=placement,
     )
     started = time.monotonic()
     previous = signal.getsignal(signal.SIGTERM)
@@ -303,16 +458,27 @@ def _schedule(config, storage, info, finished, summary, console, run_json) -> No
         with view:
             run_json.workers = scheduler.start()
             busy_from = time.monotonic()
-            scheduler.run(pending_jobs(storage, info, finished))
+            recorded = None if config.rerun_changed else prior.ok_specs
+            jobs = pending_jobs(storage, info, finished, config.worker.param_defaults,
+                                recorded, summary)  # fmt: skip
+            scheduler.run(sink.track(jobs))
             summary.busy_seconds = time.monotonic() - busy_from
     except KeyboardInterrupt:
         summary.interrupted = True
         log.warning("interrupted: keeping the finished jobs; rerun the command to resume")
     finally:
         try:
-            writer.flush()  # raises OutputWriteError if OUT cannot take results
+            if lock.lost or not lock.still_held():  # another run owns OUT now: write nothing
+                writer.broken = OutputWriteError(_LOST)
+                log.warning("%s", _LOST)
+            else:
+                with _signals_held():
+                    writer.flush()  # raises OutputWriteError if OUT cannot take results
         finally:
             summary.worker_deaths = scheduler.deaths
+            summary.infrastructure_retries = scheduler.infra_errors
+            summary.timeouts, summary.stalls = scheduler.timeouts, scheduler.stalls
+            run_json.workers = list(scheduler.placed)  # replacements too
             summary.seconds = time.monotonic() - started
             try:  # an interrupted run stops at once: no waiting for the workers' counts
                 if not summary.interrupted:
@@ -320,6 +486,22 @@ def _schedule(config, storage, info, finished, summary, console, run_json) -> No
             finally:  # a second Ctrl-C while waiting still stops the workers
                 scheduler.stop()
                 _restore_sigterm(previous)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Ignore SIGTERM and Ctrl-C while the last results are written: a stop signals every
+    process of the job (Ray's job stop: the entrypoint and its children; a pod: its
+    processes), often twice, and a second one must not cut the final flush short."""
+    held = {}
+    with contextlib.suppress(ValueError):  # not the main thread: nothing to hold
+        for number in (signal.SIGTERM, signal.SIGINT):
+            held[number] = signal.signal(number, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        for number, handler in held.items():
+            signal.signal(number, handler)
 
 
 def _install_sigterm() -> None:
@@ -331,61 +513,3 @@ def _install_sigterm() -> None:
 def _restore_sigterm(previous) -> None:
     with contextlib.suppress(ValueError, TypeError):
         signal.signal(signal.SIGTERM, previous)
-
-
-class _RunRecord:
-    """OUT/run.json: configuration, versions, workers and counts. Never credentials.
-
-    ``packing`` (null when no worker packs fits, e.g. one lane each, or the run was
-    interrupted): ``mean_occupancy``, the
-    share of pack slots that held a fit over every packed step of every worker (1.0 = packs
-    always full), ``mean_fits`` per step, ``steps``, ``workers``, ``lanes``, and
-    ``lookahead`` (null when off): buffer size, fairness bound, picks, matched picks, picks
-    forced by the fairness bound, header reads, unknown keys, mean seconds per header read.
-    Gathered when the scheduling ends (packing.summarize, lookahead.py)."""
-
-    def __init__(self, storage: Storage, config: RunConfig) -> None:
-        self.storage, self.config = storage, config
-        self.started = datetime.now(timezone.utc).isoformat()
-        self.workers: list[dict] = []
-        self.packing: dict | None = None
-
-    def write(self, summary: RunSummary, finished: bool = False) -> None:
-        record = {
-            "started_at": self.started,
-            "finished_at": datetime.now(timezone.utc).isoformat() if finished else None,
-            "host": socket.gethostname(),
-            "python": sys.version.split()[0],
-            "versions": _versions(),
-            "config": _recorded_config(self.config),
-            "workers": self.workers,
-            "summary": summary.as_dict(),
-            "packing": self.packing,
-        }
-        data = json.dumps(record, indent=2, default=str).encode()
-        self.storage.write_bytes(join(self.config.out, "run.json"), data)
-
-
-def _recorded_config(config: RunConfig) -> dict:
-    """The run's settings and its workers' in one flat object, as scripts read them
-    (``config.manifest``, ``config.storage``...): no credentials, not even in a URI."""
-    recorded = asdict(config)
-    recorded.update(recorded.pop("worker"))
-    recorded["storage"] = config.storage.public()
-    recorded["manifest"], recorded["out"] = _redact(config.manifest), _redact(config.out)
-    return recorded
-
-
-def _redact(uri: str) -> str:
-    """Drop any user:password@ from a URI before it is recorded."""
-    return re.sub(r"://[^/@]*@", "://", uri)
-
-
-def _versions() -> dict[str, str | None]:
-    versions: dict[str, str | None] = {}
-    for name in VERSIONED:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions

@@ -4,7 +4,7 @@ Why this design and not a ready-made one:
 - ``ray.util.ActorPool`` re-raises an actor's death and stops the whole run, and Ray Data's
   ``map_batches`` puts a small manifest into one block (one actor does all the work). We need
   per-job failure isolation and recovery from a dead worker, so the driver drives the actors
-  itself with plain public Ray calls (``ray.wait`` / ``ray.get`` / ``ray.kill``).
+  (actor.py) itself with plain public Ray calls (``ray.wait`` / ``ray.get`` / ``ray.kill``).
 - Each lane of an actor holds at most one job (one lane per actor unless it packs several
   fits per GPU: ``--fits-per-gpu``), so at most ``workers x lanes`` jobs are in flight. When a
   lane answers, the next job is pulled from a lazy iterator over the manifest: the driver never
@@ -13,20 +13,38 @@ Why this design and not a ready-made one:
   looks ahead instead: a bounded buffer of the next jobs, keyed by image size from their
   headers, from which a free lane gets a job that fits its actor's current pack
   (lookahead.py: the key, the picking rule, the fairness bound, the knobs).
-- A job's own errors come back as a ``failed`` row from the worker (see worker.py); only a dead
-  process surfaces here, as ``RayActorError``. Because a lane runs one job at a time we know
-  exactly which jobs the actor was running: the actor is replaced and those jobs retried, up to
-  ``max_attempts`` in all (the ``attempts`` column), then recorded as failed.
+- Jobs start on the workers that are placed; the others join when Ray places them (an
+  autoscaler adding GPU nodes). No worker placed for ``worker_wait`` s stops the run. The
+  actors by slot, their placement and replacement are pool.py's.
+- Faults (faults.py says which errors are which). A job's own error comes back as a
+  ``failed`` row and is committed. An infrastructure error (CUDA, credentials, storage,
+  lost objects) comes back as an outcome of that kind and is never committed on first sight:
+  the job goes back to the queue, preferably to another worker, and the error counts against
+  the worker (``worker_infra_errors`` in a row retire it: killed and replaced). A job that met
+  infrastructure errors on ``max_attempts`` different workers, while other jobs ended ok, is
+  recorded failed (``error_kind`` "infrastructure"; a plain rerun retries it). Who is
+  charged, here and below, is recovery.py's rule.
+- A dead process surfaces as ``RayActorError``; a job past ``job_timeout``, or on an actor
+  none of whose lanes made progress for ``stall_seconds``, gets its worker killed
+  (health.py). Either way every job in flight on that actor needs a new home, and only a
+  job that ran *alone* there is charged an attempt (the ``attempts`` column, up to
+  ``max_attempts``, then failed as "died" or "timeout"). The jobs in flight at a death of a
+  multi-lane actor are *suspects*: requeued uncharged, each then runs alone on an actor (no
+  other job is sent to it meanwhile, and busy actors drain while a suspect waits), so the
+  next death names the culprit. For a timeout or stall the
+  overdue job is the suspect and the others are requeued as they were.
+- Losing workers in a row, on every worker, with no job ending ok, stops the run
+  (``WorkersKeepDying``, health.py) instead of spinning; a loss charged to the job that ran
+  alone there is not counted (its attempts bound it).
 - Actors also answer ``progress()`` from a separate concurrency group while they fit, so the
-  bar shows live steps per second without interrupting the job, and ``packing()`` (their pack
-  occupancy, gathered once at the end for run.json).
+  bar shows live steps per second, the stall check sees steps and heartbeats, and
+  ``packing()`` (their pack occupancy, gathered once at the end for run.json).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -34,100 +52,41 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-import torch
 
-from pipeline.errors import InfrastructureError
+from pipeline.actor import lanes_for, worker_hook_env
+from pipeline.errors import WorkersKeepDying
+from pipeline.faults import classify
+from pipeline.health import PoolHealth, WorkerWait, overdue_on_actor
 from pipeline.lookahead import DEFAULT_DEPTH, UNKNOWN, Entry, KeyReader, Lookahead
 from pipeline.manifest import Job
-from pipeline.outputs import JobOutcome
-from pipeline.packing import PackedFitService, PackingConfig, summarize
+from pipeline.outputs import KIND_DIED, KIND_INFRA, KIND_TIMEOUT, JobOutcome
+from pipeline.packing import summarize
+from pipeline.pool import DEATH_ERRORS, Pool, PoolSpec, Worker, first_line
+from pipeline.recovery import Fail, Recovery
 from pipeline.storage import Storage, is_process_local
-from pipeline.worker import WORKER_HOOK, Fitter, WorkerConfig, failed_outcome
+from pipeline.worker import WorkerConfig, failed_outcome
 
+__all__ = ["PoolSpec", "Scheduler", "WorkersKeepDying", "lanes_for", "worker_hook_env"]
 log = logging.getLogger("dippipe")
 PROGRESS_POLL_SECONDS = 1.0
 WAIT_SECONDS = 0.5  # longest wait for a job to end before the loop looks around again
 READ_WAIT_SECONDS = 0.02  # the same while a free lane waits for a header being read
 PACKING_STATS_SECONDS = 10.0  # how long the end of a run waits for the actors' occupancy
-DEATH_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError)
+# How long a job failed by the infrastructure on some slots waits for another slot's actor
+# to be placed (a replacement takes seconds; a new node from an autoscaler, minutes).
+SLOT_WAIT_SECONDS = 300.0
 
-
+# Half an hour: a fit of a large image takes minutes; reading a huge input reports heartbeats.
 DEFAULT_STALL_SECONDS = 1800.0  # no step progress this long: the worker is stalled
+# Half an hour: long enough for an autoscaler to add a GPU node (cold start of a big image).
 DEFAULT_WORKER_WAIT = 1800.0  # no worker placed this long: the run stops
+# Three: one odd error is forgiven; a worker failing job after job is replaced in milliseconds.
 DEFAULT_WORKER_INFRA_ERRORS = 3  # infrastructure errors in a row that retire a worker
-AUTO_CUDA_LANES = 4  # --fits-per-gpu auto on a CUDA worker (packing.py caps it by memory)
-
-
-def lanes_for(config: WorkerConfig, auto_cuda: int | None = None) -> int:
-    """Jobs a worker takes at once: --fits-per-gpu, or auto (0): 4 on CUDA, 1 on a CPU.
-    ``auto_cuda`` answers for a process that cannot look at its own device (the driver)."""
-    if config.fits_per_gpu > 0:
-        return config.fits_per_gpu
-    if auto_cuda is not None:
-        return auto_cuda
-    uses_cuda = config.device != "cpu" and torch.cuda.is_available()
-    return AUTO_CUDA_LANES if uses_cuda else 1
-
-
-def worker_hook_env() -> dict[str, str]:
-    """With a worker hook set (worker.py), the variables that go to every worker through Ray's
-    runtime_env: the hook and the driver's other DIPPIPE_* settings (workers of a cluster
-    started separately do not inherit the driver's environment). Empty without a hook."""
-    if not os.environ.get(WORKER_HOOK):
-        return {}
-    return {key: value for key, value in os.environ.items() if key.startswith("DIPPIPE_")}
-
-
-class WorkersKeepDying(InfrastructureError):
-    """Workers die before finishing anything: the run is stopped rather than spinning."""
-
-
-# Ray's type stubs know neither `concurrency_groups` nor the `.options` of the actor class.
-@ray.remote(max_restarts=0, concurrency_groups={"status": 1})  # type: ignore[call-overload]
-class FitActor:
-    """Fitters in their own process, one per lane, each with one job at a time (one lane
-    unless the worker packs several fits per GPU); `progress` answers while they fit."""
-
-    def __init__(self, config: WorkerConfig, name: str) -> None:
-        node = ray.util.get_node_ip_address()
-        self.info = {"worker": name, "node": node, "pid": os.getpid(), "gpus": ray.get_gpu_ids()}
-        lanes = lanes_for(config)
-        self.info["lanes"] = lanes
-        service = None
-        if lanes > 1:
-            service = PackedFitService(PackingConfig(lanes, config.device))
-        self.service = service
-        self.fitters = [
-            Fitter(config, name, node, service, ship_process_local=True) for _ in range(lanes)
-        ]
-
-    def run(self, job: Job, attempt: int, payload: dict[str, bytes], lane: int = 0) -> JobOutcome:
-        return self.fitters[lane].run(job, attempt, payload)
-
-    @ray.method(concurrency_group="status")
-    def describe(self) -> dict[str, Any]:
-        return self.info
-
-    @ray.method(concurrency_group="status")
-    def progress(self, lane: int = 0) -> dict[str, Any]:
-        return self.fitters[lane].progress
-
-    @ray.method(concurrency_group="status")
-    def packing(self) -> dict[str, Any] | None:
-        """The pack occupancy counts so far (packing.py); None when this worker does not pack."""
-        return None if self.service is None else self.service.stats()
-
-
-@dataclass(frozen=True)
-class PoolSpec:
-    workers: int
-    gpus_per_worker: int  # 1 (GPU workers) or 0 (CPU workers)
-    cpus_per_worker: float
 
 
 @dataclass
 class Lane:
-    """One lane of one actor: the unit that holds at most one job."""
+    """One lane of one placed actor: the unit that holds at most one job."""
 
     name: str
     actor: Any
@@ -136,10 +95,17 @@ class Lane:
     attempt: int = 0
     ref: Any = None
     live_step: int = 0
-    sent_to: Any = None  # the actor the job went to (lanes share one; it may be replaced)
-    starting: Any = None  # describe() of a replacement actor not yet placed on a node
+    sent_to: Any = None  # the actor the job went to
     entry: Entry | None = None  # the job's look-ahead entry (its key), when it came from one
     sent: int = 0  # when the job was sent (a counter): the actor's last one sets its key
+    started: float = 0.0  # when the job was sent (monotonic): job_timeout
+    moved: float = 0.0  # when it last showed progress: stall_seconds
+    seen: Any = None  # its last (step, heartbeat) polled
+
+    @property
+    def slot(self) -> str:
+        """The worker slot (worker-3), which its replacements keep."""
+        return self.name.split("/")[0]
 
 
 @dataclass
@@ -163,71 +129,70 @@ class Scheduler:
     # Called with each worker's describe() when it is placed (start or replacement); what it
     # raises stops the run (runner.py refuses a local OUT on another node).
     on_placed: Callable[[dict[str, Any]], None] | None = None
-    lanes: list[Lane] = field(default_factory=list)
-    retry: deque = field(default_factory=deque)
-    deaths: int = 0
-    _deaths_in_a_row: int = 0
-    _polls: dict = field(default_factory=dict)
-    _last_poll: float = 0.0
-    buffer: Lookahead | None = None  # set by start() when look-ahead applies
+    lanes: list[Lane] = field(default_factory=list)  # of placed actors only
+    retry: deque = field(default_factory=deque)  # (job, attempt) to send again
+    placed: list[dict[str, Any]] = field(default_factory=list)  # describe() of every actor
+    # Counts for the run's summary (and `deaths`, below): infrastructure errors retried,
+    # jobs stopped for --job-timeout or stall_seconds.
+    infra_errors: int = 0
+    timeouts: int = 0
+    stalls: int = 0
+    buffer: Lookahead | None = None  # set when the first actor with several lanes is placed
     _reader: KeyReader | None = None
     _retry_entries: dict = field(default_factory=dict)  # job id -> its entry, while retried
     _sent: int = 0
     _lane_waits_for_read: bool = False
+    _polls: dict = field(default_factory=dict)
+    _last_poll: float = 0.0
+    _health: PoolHealth = field(init=False)
+    _actors: Pool = field(init=False)  # the actors by slot, placed or not (pool.py)
+    _recovery: Recovery = field(init=False)  # suspects, and jobs' infrastructure errors
+
+    def __post_init__(self) -> None:
+        self._recovery = Recovery(self.max_attempts)
+        self._health = PoolHealth(self.pool.workers, self.max_attempts)
+        wait = WorkerWait(self.worker_wait)
+        self._actors = Pool(self.pool, self.worker_config, self._health, wait)
+
+    @property
+    def deaths(self) -> int:
+        """Worker processes replaced: died, retired after infrastructure errors, or killed
+        for a timeout or stall."""
+        return self._actors.replaced
 
     def start(self) -> list[dict[str, Any]]:
-        actors = [self._new_actor(f"worker-{i}") for i in range(self.pool.workers)]
-        infos = self._describe_replacing_the_dead(actors)
-        for actor, info in zip(actors, infos, strict=True):
-            name, count = info["worker"], info["lanes"]
+        """Ask for every actor; return once at least one is placed (their describe()), or
+        raise NoWorkersError after worker_wait s. The others join run() when placed."""
+        for i in range(self.pool.workers):
+            self._actors.request(f"worker-{i}")
+        while not self.lanes:
+            self._check_placed(WAIT_SECONDS)
+        return list(self.placed)
+
+    def _check_placed(self, wait: float = 0.0) -> None:
+        """Give lanes to the actors placed since the last look (pool.py), waiting up to
+        ``wait`` s for one."""
+        for worker, info in self._actors.placed(wait, bool(self.lanes)):
+            if self.on_placed is not None:
+                self.on_placed(info)
+            self.placed.append(info)
+            count = info["lanes"]
             self.lanes += [
-                Lane(name if count == 1 else f"{name}/{k}", actor, k) for k in range(count)
+                Lane(worker.slot if count == 1 else f"{worker.slot}/{k}", worker.actor, k)
+                for k in range(count)
             ]
-        for info in infos:
-            log.info("%s ready on node %s (pid %s, gpus %s, %s lane(s))", *info.values())
-        if self.lookahead > 0 and any(info["lanes"] > 1 for info in infos):
-            capacity = self.lookahead * len(self.lanes)
-            self.buffer = Lookahead(capacity, self.lookahead_passes)
-            self._reader = KeyReader(self.storage, self.worker_config, self.header_readers)
-            log.info("look-ahead: %d buffered job(s), keyed by image size", capacity)
-        return infos
-
-    def _describe_replacing_the_dead(self, actors: list[Any]) -> list[dict[str, Any]]:
-        """describe() of every new actor; one that dies while starting (killed, out of
-        memory) is replaced, up to max_attempts times each, instead of ending the run."""
-        infos: list[dict[str, Any] | None] = [None] * len(actors)
-        for _ in range(self.max_attempts + 1):
-            pending = {i: actors[i].describe.remote() for i, got in enumerate(infos) if not got}
-            for i, ref in pending.items():
-                try:
-                    infos[i] = ray.get(ref)
-                except DEATH_ERRORS as error:
-                    self.deaths += 1
-                    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-                    log.warning("worker-%d died while starting; replacing it: %s", i, reason)
-                    actors[i] = self._new_actor(f"worker-{i}")
-            if all(infos):
-                return infos  # type: ignore[return-value]
-        raise WorkersKeepDying("workers keep dying while they start")
-
-    def _new_actor(self, name: str) -> Any:
-        options: dict[str, Any] = {
-            "num_gpus": self.pool.gpus_per_worker,
-            "num_cpus": self.pool.cpus_per_worker,
-            "name": None,
-            # One thread per lane for `run`; the "status" group answers besides.
-            "max_concurrency": lanes_for(self.worker_config, AUTO_CUDA_LANES),
-        }
-        hook_env = worker_hook_env()
-        if hook_env:
-            options["runtime_env"] = {"env_vars": hook_env}
-        return FitActor.options(**options).remote(self.worker_config, name)  # type: ignore[attr-defined]
+            log.info("%s ready on node %s (pid %s, gpus %s, %s lane(s))", worker.slot,
+                     info["node"], info["pid"], info["gpus"], count)  # fmt: skip
+            if self.lookahead > 0 and count > 1 and self.buffer is None:
+                capacity = self.lookahead * count * self.pool.workers
+                self.buffer = Lookahead(capacity, self.lookahead_passes)
+                self._reader = KeyReader(self.storage, self.worker_config, self.header_readers)
+                log.info("look-ahead: %d buffered job(s), keyed by image size", capacity)
 
     def stop(self) -> None:
         if self._reader is not None:
             self._reader.close()
-        for actor in {id(lane.actor): lane.actor for lane in self.lanes}.values():
-            ray.kill(actor, no_restart=True)
+        self._actors.stop()
 
     def running(self) -> int:
         return sum(lane.job is not None for lane in self.lanes)
@@ -236,40 +201,41 @@ class Scheduler:
         """Feed every job to a free lane until all have an outcome."""
         exhausted = False
         while True:
-            self._check_started()
+            self._check_placed()
+            self._check_overdue()
             exhausted = self._fill(jobs, exhausted)
             busy = {lane.ref: lane for lane in self.lanes if lane.job is not None}
             if not busy:
                 if exhausted and not self.retry and not self.buffer:
                     return
-                starting = self._starting()
-                if starting:  # every worker lost: wait for a replacement to be placed
-                    ray.wait(starting, num_returns=1, timeout=0.5)
+                self._check_placed(WAIT_SECONDS)  # e.g. every worker lost: wait for one
                 continue
             ready, rest = ray.wait(list(busy), num_returns=1, timeout=self._wait_seconds())
             if ready and rest:  # collect everything else that is already done
                 more, _ = ray.wait(rest, num_returns=len(rest), timeout=0)
                 ready += more
             for ref in ready:
-                self._collect(busy[ref])
+                if busy[ref].ref is ref:  # not handed elsewhere by a loss just collected
+                    self._collect(busy[ref])
             self._poll_progress()
 
     def _fill(self, jobs: Iterator[Job], exhausted: bool) -> bool:
         if self.buffer is not None:
             return self._fill_sized(jobs, exhausted, self.buffer)
         for lane in self.lanes:
-            if lane.job is not None or lane.starting is not None:
+            if lane.job is not None or self._held(lane):
                 continue
-            if self.retry:
-                job, attempt = self.retry.popleft()
-            elif not exhausted:
-                job, attempt = next(jobs, None), 1
-                if job is None:
-                    exhausted = True
-                    continue
-            else:
+            taken = self._take_retry(lane)
+            if taken is not None:
+                self._submit(lane, *taken)
                 continue
-            self._submit(lane, job, attempt)
+            if exhausted or self._draining(lane):
+                continue
+            job = next(jobs, None)
+            if job is None:
+                exhausted = True
+                continue
+            self._submit(lane, job, 1)
         return exhausted
 
     def _fill_sized(self, jobs: Iterator[Job], exhausted: bool, buffer: Lookahead) -> bool:
@@ -278,11 +244,13 @@ class Scheduler:
         exhausted = self._top_up(jobs, exhausted, buffer)
         self._lane_waits_for_read = False
         for lane in self.lanes:
-            if lane.job is not None or lane.starting is not None:
+            if lane.job is not None or self._held(lane):
                 continue
-            if self.retry:
-                job, attempt = self.retry.popleft()
-                self._submit(lane, job, attempt, self._retry_entries.pop(job.id, None))
+            taken = self._take_retry(lane)
+            if taken is not None:
+                self._submit(lane, *taken)
+                continue
+            if self._draining(lane):
                 continue
             entry = buffer.pick(self._actor_key(lane.actor))
             if entry is None:
@@ -293,13 +261,45 @@ class Scheduler:
         return exhausted
 
     def _top_up(self, jobs: Iterator[Job], exhausted: bool, buffer: Lookahead) -> bool:
-        assert self._reader is not None, "start() sets both"
+        assert self._reader is not None, "set with the buffer"
         while not exhausted and buffer.room > 0:
             job = next(jobs, None)
             if job is None:
                 return True
             self._reader.submit(buffer.add(job))
         return exhausted
+
+    def _busy_with(self, actor: Any) -> list[Lane]:
+        return [lane for lane in self.lanes if lane.job is not None and lane.actor is actor]
+
+    def _held(self, lane: Lane) -> bool:
+        """Its actor runs a suspect, which must run alone."""
+        suspects = self._recovery.suspects
+        if not suspects:  # the common case, without a scan of the lanes
+            return False
+        return any(other.job.id in suspects for other in self._busy_with(lane.actor))  # type: ignore[union-attr]
+
+    def _draining(self, lane: Lane) -> bool:
+        """A suspect waits for an idle actor: busy actors take no new job until it has one."""
+        suspects = self._recovery.suspects
+        waiting = bool(suspects) and any(job.id in suspects for job, _ in self.retry)
+        return waiting and bool(self._busy_with(lane.actor))
+
+    def _take_retry(self, lane: Lane) -> tuple[Job, int, Entry | None] | None:
+        """The first retried job this lane may run, out of the queue: a suspect only on an
+        idle actor; a job that met infrastructure errors on this worker slot only when every
+        slot has failed it: it waits for another slot, placed or being placed (for up to
+        SLOT_WAIT_SECONDS, so that no job waits forever for a node that never comes)."""
+        if not self.retry:
+            return None
+        idle = not self._busy_with(lane.actor)
+        slots = {other.slot for other in self.lanes} | self._actors.coming(SLOT_WAIT_SECONDS)
+        for position, (job, attempt) in enumerate(self.retry):
+            if not self._recovery.may_run(job.id, lane.slot, idle, slots):
+                continue
+            del self.retry[position]
+            return job, attempt, self._retry_entries.pop(job.id, None)
+        return None
 
     def _actor_key(self, actor: Any) -> Any:
         """The key of the job last sent to this actor and still running (the pack its free
@@ -320,8 +320,11 @@ class Scheduler:
         lane.job, lane.attempt, lane.live_step, lane.sent_to = job, attempt, 0, lane.actor
         self._sent += 1
         lane.entry, lane.sent = entry, self._sent
+        lane.started = lane.moved = time.monotonic()
+        lane.seen = None
         lane.ref = lane.actor.run.remote(job, attempt, self._payload(job), lane.index)
-        log.info("job %s (%s) -> %s, attempt %d", job.id, job.task, lane.name, attempt)
+        alone = " (alone)" if job.id in self._recovery.suspects else ""
+        log.info("job %s (%s) -> %s, attempt %d%s", job.id, job.task, lane.name, attempt, alone)
 
     def _payload(self, job: Job) -> dict[str, bytes]:
         """Bytes of the job's memory:// inputs, which only the driver's process can read."""
@@ -333,58 +336,125 @@ class Scheduler:
                     payload[uri] = self.storage.read_bytes(uri)
         return payload
 
+    def _requeue(self, job: Job, attempt: int, entry: Entry | None) -> None:
+        self.retry.append((job, attempt))
+        if entry is not None:  # retried: it keeps its key
+            self._retry_entries[job.id] = entry
+
+    def _commit(self, outcome: JobOutcome) -> None:
+        self._recovery.done(outcome.row["id"])
+        if outcome.ok:
+            self._health.ok({lane.slot for lane in self.lanes})
+        self.on_outcome(outcome)
+
     def _collect(self, lane: Lane) -> None:
-        job, attempt, ref, entry = lane.job, lane.attempt, lane.ref, lane.entry
-        if job is None:  # an idle lane: nothing to collect
+        if lane.job is None:  # an idle lane: nothing to collect
             return
-        lane.job, lane.ref, lane.entry = None, None, None
         try:
-            outcome = ray.get(ref, timeout=0)
+            outcome = ray.get(lane.ref, timeout=0)
         except DEATH_ERRORS as error:
-            outcome = self._worker_died(lane, job, attempt, error)
-            if outcome is None and entry is not None:  # retried: it keeps its key
-                self._retry_entries[job.id] = entry
-        except ray.exceptions.RayError as error:  # e.g. an input that cannot be pickled
-            outcome = failed_outcome(job, f"{type(error).__name__}: {error}", attempt, lane.name)
-        if outcome is not None:
-            self._deaths_in_a_row = 0
-            self.on_outcome(outcome)
-
-    def _worker_died(self, lane: Lane, job: Job, attempt: int, error: Exception):
-        self._deaths_in_a_row += 1
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        log.warning("%s died running job %s (attempt %d): %s", lane.name, job.id, attempt, reason)
-        if self._deaths_in_a_row > 2 * len(self.lanes) + self.max_attempts:
-            raise WorkersKeepDying(f"workers keep dying without finishing a job: {reason}")
-        if lane.actor is lane.sent_to:  # the first of its lanes to notice replaces the actor
-            self.deaths += 1  # one per process, whatever number of lanes it had
-            ray.kill(lane.actor, no_restart=True)
-            dead, replacement = lane.actor, self._new_actor(lane.name.split("/")[0])
-            placed = replacement.describe.remote()
-            for other in self.lanes:
-                if other.actor is dead:
-                    other.actor, other.starting = replacement, placed
-        if attempt < self.max_attempts:
-            self.retry.append((job, attempt + 1))
-            return None
-        message = f"the worker process died {attempt} times while running this job ({reason})"
-        return failed_outcome(job, message, attempt, lane.name)
-
-    def _starting(self) -> list[Any]:
-        """describe() of the replacement actors not yet placed, once each (lanes share one)."""
-        starting = [lane.starting for lane in self.lanes if lane.starting is not None]
-        return list({id(ref): ref for ref in starting}.values())
-
-    def _check_started(self) -> None:
-        """A replacement takes jobs once placed; until then (its node lost for good, no
-        free GPU) the other workers take the retries, so no job waits for it."""
-        starting = self._starting()
-        if not starting:
+            self._lose(lane.actor, f"the process died ({first_line(error)})", None)
             return
-        done, _ = ray.wait(starting, num_returns=len(starting), timeout=0)
+        except ray.exceptions.RayError as error:  # an input that cannot be pickled, lost objects
+            message = f"{type(error).__name__}: {error}"
+            outcome = failed_outcome(lane.job, message, lane.attempt, lane.name, classify(error))
+        job, attempt, entry = lane.job, lane.attempt, lane.entry
+        lane.job, lane.ref, lane.entry = None, None, None
+        worker = self._actors.worker_of(lane.slot, lane.actor)
+        if outcome.row.get("error_kind") == KIND_INFRA:
+            self._infrastructure_error(lane, worker, job, attempt, entry, outcome)
+            return
+        if worker is not None:  # the job ran to its own end: this worker works
+            worker.infra_in_a_row = 0
+        self._commit(outcome)
+
+    def _infrastructure_error(
+        self,
+        lane: Lane,
+        worker: Worker | None,
+        job: Job,
+        attempt: int,
+        entry: Entry | None,
+        outcome: JobOutcome,
+    ) -> None:
+        """Back to the queue, or failed (recovery.py); counted against the worker, which
+        worker_infra_errors in a row retire."""
+        self.infra_errors += 1
+        error = str(outcome.row.get("error") or "")
+        serial = -1 if worker is None else worker.serial
+        oks = self._health.oks
+        fail = self._recovery.infrastructure_error(job.id, serial, lane.slot, error, oks)
+        if fail is None:
+            log.warning("job %s met an infrastructure error on %s; retrying it on another "
+                        "worker: %s", job.id, lane.name, error)  # fmt: skip
+            self._requeue(job, attempt, entry)
+        else:
+            self._commit(failed_outcome(job, fail.message, fail.attempts, lane.name, fail.kind))
+        if worker is not None:
+            worker.infra_in_a_row += 1
+            if worker.infra_in_a_row >= self.worker_infra_errors:
+                why = f"{worker.infra_in_a_row} infrastructure errors in a row, the last: {error}"
+                self._lose(worker.actor, why, set())
+
+    def _lose(self, actor: Any, reason: str, culprits: set[str] | None) -> None:
+        """Kill and replace an actor, giving its jobs in flight a new home (recovery.py
+        says who is charged). ``culprits``: the lanes whose jobs caused it (a timeout or
+        stall); None: unknown (a death), every job in flight; an empty set: none (a worker
+        retired for infrastructure errors)."""
+        busy = self._busy_with(actor)
+        alone = len(busy) == 1
+        jobs_fault = alone and (culprits is None or busy[0].name in culprits)  # charged
+        kind = KIND_DIED if culprits is None else KIND_TIMEOUT
+        self.lanes = [lane for lane in self.lanes if lane.actor is not actor]
+        for lane in busy:
+            job, attempt, entry = lane.job, lane.attempt, lane.entry
+            assert job is not None
+            lane.job, lane.ref, lane.entry = None, None, None
+            culprit = culprits is None or lane.name in culprits
+            then = self._recovery.lost(job.id, attempt, culprit, alone, reason, kind)
+            if isinstance(then, Fail):
+                self._commit(failed_outcome(job, then.message, then.attempts, lane.name, kind))
+                continue
+            if culprit:
+                charged = "charged" if alone else "uncharged: it shared the worker"
+                log.warning("job %s on %s: %s; it runs alone next, attempt %d (%s)", job.id,
+                            lane.name, reason, then, charged)  # fmt: skip
+            self._requeue(job, then, entry)
+        worker = next((w for w in self._actors.workers.values() if w.actor is actor), None)
+        if worker is not None:
+            log.warning("%s lost: %s; replacing it", worker.slot, reason)
+            if jobs_fault:  # the job's own, not the pool's: not counted (health.py)
+                self._health.charged_to_job(worker.slot)
+            self._actors.retire(worker, reason)
+
+    def _check_overdue(self) -> None:
+        """Kill the actors running a job past job_timeout, or none of whose lanes moved for
+        stall_seconds (health.overdue_on_actor)."""
+        if self.job_timeout is None and self.stall_seconds is None:
+            return
+        now = time.monotonic()
+        by_actor: dict[int, list[Lane]] = {}
         for lane in self.lanes:
-            if lane.starting is not None and lane.starting in done:
-                lane.starting = None
+            if lane.job is not None:
+                by_actor.setdefault(id(lane.actor), []).append(lane)
+        found: dict[int, list[tuple[Lane, str]]] = {}
+        for key, busy in by_actor.items():
+            times = [(lane.started, lane.moved) for lane in busy]
+            verdicts = overdue_on_actor(now, times, self.job_timeout, self.stall_seconds)
+            for lane, why in zip(busy, verdicts, strict=True):
+                if why is not None and not ray.wait([lane.ref], timeout=0)[0]:  # not just done
+                    found.setdefault(key, []).append((lane, why))
+        for overdue_lanes in found.values():
+            lane, why = overdue_lanes[0]
+            assert lane.job is not None
+            if why == "timeout":
+                self.timeouts += len(overdue_lanes)
+                reason = f"ran longer than the job timeout ({self.job_timeout:g} s)"
+            else:
+                self.stalls += len(overdue_lanes)
+                reason = f"made no progress for {self.stall_seconds:g} s (the stall limit)"
+            log.warning("job %s on %s %s: killing its worker", lane.job.id, lane.name, reason)
+            self._lose(lane.actor, reason, {lane.name for lane, _ in overdue_lanes})
 
     def _poll_progress(self) -> None:
         """Gather answers to earlier progress polls without waiting; send new ones each second."""
@@ -396,14 +466,17 @@ class Scheduler:
                     state = ray.get(ref, timeout=0)
                 except ray.exceptions.RayError:
                     continue  # a dead actor: its job's own reference reports it
-                if lane.job is not None and state.get("id") == job_id:
+                if lane.job is not None and lane.job.id == job_id and state.get("id") == job_id:
                     lane.live_step = int(state.get("step") or 0)
+                    seen = (state.get("step"), state.get("beat"))
+                    if seen != lane.seen:
+                        lane.seen, lane.moved = seen, time.monotonic()
         now = time.monotonic()
         if now - self._last_poll >= PROGRESS_POLL_SECONDS:
             self._last_poll = now
-            polled = {lane.name for lane, _ in self._polls.values()}
+            polled = {id(lane) for lane, _ in self._polls.values()}
             for lane in self.lanes:
-                if lane.job is not None and lane.name not in polled:
+                if lane.job is not None and id(lane) not in polled:
                     self._polls[lane.actor.progress.remote(lane.index)] = (lane, lane.job.id)
         live_steps = sum(lane.live_step for lane in self.lanes if lane.job is not None)
         self.on_tick(self.running(), live_steps)
@@ -419,7 +492,7 @@ class Scheduler:
             return None
 
     def _packing_report(self) -> dict[str, Any] | None:
-        actors = {id(lane.actor): lane.actor for lane in self.lanes if lane.starting is None}
+        actors = {id(lane.actor): lane.actor for lane in self.lanes}
         refs = [actor.packing.remote() for actor in actors.values()]
         deadline = time.monotonic() + PACKING_STATS_SECONDS
         stats = []

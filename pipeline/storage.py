@@ -114,6 +114,11 @@ def is_process_local(uri: str | None) -> bool:
     return bool(uri and protocol_of(uri) in PROCESS_LOCAL_PROTOCOLS)
 
 
+def is_local_path(uri: str) -> bool:
+    """A path of this machine's file system (a plain path or file://)."""
+    return protocol_of(uri) in ("file", "local")
+
+
 def protocol_of(uri: str) -> str:
     return uri.split("://", 1)[0] if "://" in uri else "file"
 

@@ -1,8 +1,15 @@
 """One job in, one result out: load the inputs, plan and fit them (``dip_core``), write the image.
 
-No Ray here, so a :class:`Fitter` runs and tests in-process; scheduler.py wraps it in an actor.
-Every exception raised by one job becomes that job's ``failed`` row with a message for users;
-only the death of the whole process (killed, segfault) escapes, and the runner handles that.
+No Ray here, so a :class:`Fitter` runs and tests in-process; actor.py wraps it in an actor.
+Every exception raised by one job becomes that job's ``failed`` row with a message for users
+and an ``error_kind`` (faults.py): ``job`` for its own input or params, ``infrastructure`` for
+a broken worker, node or service. The scheduler commits only the first; an infrastructure
+outcome sends the job back to the queue. Only the death of the whole process (killed,
+segfault) escapes, and the scheduler handles that.
+
+``Fitter.progress`` (read by the driver's polls while a job runs) carries the step and a
+``beat`` counter that also moves while inputs are read and the output written, so the driver
+can tell a slow job from a stalled one (scheduler.py, health.py).
 
 Hook point, for tests and operations: ``DIPPIPE_WORKER_HOOK=module:function`` names a function
 that every Fitter calls with itself when it starts. It may append to ``fitter.step_listeners``
@@ -51,6 +58,7 @@ from dip_core import (
     run_plan,
 )
 from pipeline.errors import DippipeError
+from pipeline.faults import classify, is_out_of_memory
 from pipeline.feature_weights import FeatureNets
 from pipeline.images import (
     DEFAULT_MAX_PIXELS,
@@ -62,7 +70,7 @@ from pipeline.images import (
     resize_plane,
 )
 from pipeline.manifest import Job, job_problems, output_size
-from pipeline.outputs import STATUS_FAILED, STATUS_OK, JobOutcome, image_uri
+from pipeline.outputs import KIND_JOB, STATUS_FAILED, STATUS_OK, JobOutcome, image_uri
 from pipeline.packing import PackedFitService
 from pipeline.storage import Storage, StorageOptions, is_process_local
 
@@ -127,6 +135,7 @@ class Fitter:
         self._payload: dict[str, bytes] = {}
         self._shipped: dict[str, bytes] = {}
         self.progress: dict[str, Any] = {}
+        self.beats = 0  # progress of any kind (steps, reads, writes): the stall check
         self.step_listeners: list[StepListener] = []
         torch.set_num_threads(max(1, config.threads or 1))
         _run_worker_hook(self)
@@ -135,11 +144,13 @@ class Fitter:
         """Run one job; `payload` holds the bytes of its process-local (memory://) inputs."""
         started = time.perf_counter()
         self._payload, self._shipped = payload or {}, {}
-        self.progress = {"id": job.id, "step": 0, "iterations": job.iterations, "energy": None}
+        self.beats += 1
+        self.progress = {"id": job.id, "step": 0, "iterations": job.iterations, "energy": None,
+                         "beat": self.beats}  # fmt: skip
         try:
             outcome = self._run(job)
         except Exception as error:  # one job's problem must never stop the worker
-            outcome = JobOutcome(_failed_row(job, describe_error(error)))
+            outcome = JobOutcome(_failed_row(job, describe_error(error), classify(error)))
         finally:
             self.progress = {}
         outcome.files = self._shipped
@@ -196,7 +207,9 @@ class Fitter:
         When one fit fails, the job's others still running stop at their next report."""
         try:
             return self._fit_all(job, plan, None)
-        except torch.cuda.OutOfMemoryError as error:
+        except RuntimeError as error:  # torch's OutOfMemoryError, or cuBLAS's (faults.py)
+            if not is_out_of_memory(error):
+                raise
             # Only the message leaves this block: the error's traceback holds the failed
             # pack (weights, activations) alive, which the retry needs freed.
             reason = str(error).splitlines()[0]
@@ -227,6 +240,13 @@ class Fitter:
     def _fit(self, problem, config, callbacks, options) -> FitResult:
         return fit(problem, config, device=self.config.device, callbacks=callbacks,
                    options=options)  # fmt: skip
+
+    def heartbeat(self) -> None:
+        """Progress that is not a fit step (an input read, the output written): a job that
+        reads a large input for minutes is slow, not stalled."""
+        self.beats += 1
+        if self.progress:
+            self.progress = {**self.progress, "beat": self.beats}
 
     def _notify(self, job_id: str, step: int) -> None:
         for listener in self.step_listeners:
@@ -264,6 +284,7 @@ class Fitter:
         try:
             data = self._payload.get(uri)
             data = self.storage.read_bytes(uri) if data is None else data
+            self.heartbeat()
             return decode_image(data, self.config.max_pixels)
         except FileNotFoundError:
             raise JobInputError(f"{role} not found: {uri}") from None
@@ -294,6 +315,7 @@ class Fitter:
         encoded = encode_image(pixels, alpha, source, output_format(self.config.output_format,
                                                                    source))  # fmt: skip
         uri = image_uri(self.config.out, job.id, encoded.extension)
+        self.heartbeat()
         if self.ship_process_local and is_process_local(uri):
             self._shipped[uri] = encoded.data
         else:
@@ -330,11 +352,13 @@ class JobProgress:
             with self.lock:
                 self.done[index] = progress.step
                 step = sum(self.done.values())
+            self.fitter.beats += 1
             self.fitter.progress = {
                 "id": self.job_id,
                 "step": step,
                 "iterations": self.planned,
                 "energy": progress.energy,
+                "beat": self.fitter.beats,
             }
             self.fitter._notify(self.job_id, step)
             return self.cancelled
@@ -409,13 +433,15 @@ def _ok_row(job: Job, output: str, iterations: int, energy: float, psnr, device:
     }
 
 
-def _failed_row(job: Job, error: str) -> dict[str, Any]:
-    return {**_base_row(job), "status": STATUS_FAILED, "error": error}
+def _failed_row(job: Job, error: str, kind: str = KIND_JOB) -> dict[str, Any]:
+    return {**_base_row(job), "status": STATUS_FAILED, "error": error, "error_kind": kind}
 
 
-def failed_outcome(job: Job, error: str, attempts: int, worker: str | None = None) -> JobOutcome:
-    """A failed row made by the runner (e.g. the worker process died too often)."""
-    row = _failed_row(job, error)
+def failed_outcome(
+    job: Job, error: str, attempts: int, worker: str | None = None, kind: str = KIND_JOB
+) -> JobOutcome:
+    """A failed row made by the scheduler (e.g. the worker process died too often)."""
+    row = _failed_row(job, error, kind)
     row.update(attempts=attempts, worker=worker)
     return JobOutcome(row)
 
@@ -424,7 +450,7 @@ def describe_error(error: BaseException) -> str:
     """Errors meant for users keep their message; anything else also names its type."""
     if isinstance(error, (DipInputError, JobInputError)):
         return str(error)
-    if isinstance(error, torch.cuda.OutOfMemoryError):
+    if is_out_of_memory(error):
         torch.cuda.empty_cache()
         return "out of GPU memory (try a smaller image or network: params channels/depth)"
     return f"{type(error).__name__}: {error}"

@@ -40,3 +40,16 @@ def test_the_example_manifests_are_the_demos_jobs():
         assert given == [
             {k: v for k, v in row.items() if v is not None} for row in demo_rows(inputs)
         ]
+
+
+def test_the_readme_exit_code_table_is_the_code_table():
+    from pipeline.exit_codes import MEANINGS
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("### Exit codes") :].split("\n#", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 2 and cells[0].isdigit():
+            rows[int(cells[0])] = cells[1]
+    assert rows == {int(code): meaning for code, meaning in MEANINGS.items()}

@@ -1,10 +1,11 @@
 """One streaming pass over OUT/results for the report: totals, and the few jobs to show.
 
-Results are read shard by shard, batch by batch, with a column projection (never `error`'s
-neighbours that the report does not use). Per batch, counts and sums are added up and every
-ranking keeps only its top-k rows, so a 100,000-job run costs a few hundred kept rows plus one
-float per PSNR (exact medians), never the whole table. Each kept row remembers its results shard:
-its trace lives in the traces shard of the same name (see outputs.py).
+Results are read shard by shard (the live ones, a few read ahead in parallel: see outputs.py),
+batch by batch, with a column projection (never the columns the report does not use). Per
+batch, counts and sums are added up and every ranking keeps only its top-k rows, so a
+100,000-job run costs a few hundred kept rows plus one float per PSNR (exact medians), never
+the whole table. Each kept row remembers its results shard: its trace lives in the traces shard
+of the same name (see outputs.py).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.outputs import RESULT_SCHEMA, STATUS_OK, result_shards
+from pipeline.outputs import RESULT_SCHEMA, STATUS_OK, iter_result_shards
 from pipeline.storage import Storage
 
 # `output` gives only the restored image's file name (PNG or TIFF): the folder is found by
@@ -128,12 +129,9 @@ def _error_kind(error: str | None) -> str:
 
 def iter_results(storage: Storage, out: str, batch_rows: int = BATCH_ROWS) -> Iterator[pa.Table]:
     """Every result row as SCAN_SCHEMA tables of at most `batch_rows` rows."""
-    for uri in result_shards(storage, out):
-        shard = uri.rsplit("/", 1)[-1]
-        with storage.open_parquet(uri) as parquet:
-            present = [name for name in COLUMNS if name in parquet.schema_arrow.names]
-            for batch in parquet.iter_batches(batch_size=batch_rows, columns=present):
-                yield _conform(pa.Table.from_batches([batch]), shard)
+    for shard, table in iter_result_shards(storage, out, COLUMNS):
+        for batch in table.to_batches(max_chunksize=batch_rows):
+            yield _conform(pa.Table.from_batches([batch], schema=table.schema), shard)
 
 
 def _conform(table: pa.Table, shard: str) -> pa.Table:

@@ -266,6 +266,15 @@ def test_run_spans_both_nodes_and_survives_losing_one(cluster: Cluster, tmp_path
     manifest, out = _write_manifest(tmp_path), tmp_path / "out"
     command = [str(BIN / "dippipe"), "run", str(manifest), "--out", str(out)]
     command += ["--gpus", "4", "--address", cluster.gcs, "--no-progress"]
+    # A local OUT with a second machine in the cluster is refused before any work: node B's
+    # workers would write their images on their own disk.
+    refused = subprocess.run(command, env=cluster.env, cwd=tmp_path, capture_output=True,
+                             text=True, timeout=START_TIMEOUT_S)  # fmt: skip
+    said = " ".join(refused.stderr.split())
+    assert refused.returncode == 2 and "--shared-out" in said and NODE_B_IP in said, said[-3000:]
+    assert not list(out.glob("results/*.parquet")) and not list(out.glob("images/*/*")), said
+    # Both "machines" are this one: the path is shared, as an NFS mount would be.
+    command.append("--shared-out")
     log_path = tmp_path / "dippipe.log"
     with log_path.open("wb") as log:
         run = subprocess.Popen(

@@ -75,3 +75,25 @@ def test_ctrl_c_keeps_finished_jobs_and_a_rerun_resumes(tmp_path):
     assert result.exit_code == 0, result.output
     ids = [row["id"] for row in _results(out)]
     assert sorted(ids) == sorted(r["id"] for r in rows)  # all there, none twice
+
+
+def test_a_second_stop_signal_does_not_cut_the_final_flush_short():
+    """Ray's `job stop` signals the entrypoint and every child: dippipe may get SIGTERM twice;
+    the second, arriving while the last results are written, must wait."""
+    import os
+    import signal
+
+    from pipeline.runner import _install_sigterm, _restore_sigterm, _signals_held
+
+    previous = signal.getsignal(signal.SIGTERM)
+    _install_sigterm()  # SIGTERM raises KeyboardInterrupt, as in a run
+    try:
+        with _signals_held():
+            os.kill(os.getpid(), signal.SIGTERM)  # ignored: no KeyboardInterrupt here
+            written = True
+        assert written
+        with pytest.raises(KeyboardInterrupt):  # and the run's handler is back afterwards
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler interrupts this at once
+    finally:
+        _restore_sigterm(previous)

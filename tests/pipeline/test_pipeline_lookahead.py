@@ -354,7 +354,7 @@ def _mixed_run(tmp_path: Path, lookahead: int, jobs: int = 8, name: str = "") ->
         manifest, worker, gpus=0, workers=1, show_progress=False, lookahead=lookahead
     )
     summary = run(config, Console(stderr=True, quiet=True))
-    assert summary.exit_code == 0 and summary.ok + summary.skipped_ok == jobs
+    assert summary.exit_code() == 0 and summary.ok + summary.skipped_ok == jobs
     record = json.loads((out / "run.json").read_text())
     record["out"], record["ran"], record["deaths"] = out, summary.ok, summary.worker_deaths
     return record
@@ -388,7 +388,9 @@ def test_lookahead_with_a_worker_killed_mid_pack_runs_every_job_once(
     assert sorted(row["id"] for row in rows) == [f"j{i}" for i in range(6)]
     assert all(row["status"] == "ok" for row in rows)
     attempts = {row["id"]: row["attempts"] for row in rows}
-    assert attempts["j1"] == 2 and sum(attempts.values()) in (7, 8)  # its pack mate too
+    # Killed alone it is charged; killed in a pack no one is (recovery.py: suspects rerun
+    # alone), and its pack mates never are.
+    assert attempts["j1"] in (1, 2) and sum(attempts.values()) == 5 + attempts["j1"]
     assert record["packing"]["lookahead"]["picks"] == 6  # retries do not go through it
     again = _mixed_run(tmp_path, lookahead=2, jobs=6, name="out")  # resume: nothing left
     assert again["ran"] == 0 and again["packing"] is None

@@ -134,3 +134,46 @@ def test_preimage_jobs_use_the_feature_layer_and_weights_they_ask_for(fitter, tm
     missing = {**small, "feature_weights": str(tmp_path / "nope.pt")}
     row = fitter.run(_job(image, id="gone", task="preimage", params=json.dumps(missing))).row
     assert row["status"] == "failed" and "not found" in row["error"]
+
+
+def test_progress_beats_while_inputs_are_read_and_the_output_written(fitter, tmp_path):
+    """The driver's stall check sees these beats even before the first fit step."""
+    image = write_png(tmp_path / "in.png", tiny_image(0, 16))
+    seen: list = []
+    original = fitter.write_output
+
+    def write_output(*args):
+        seen.append(dict(fitter.progress))
+        return original(*args)
+
+    fitter.write_output = write_output  # type: ignore[method-assign]
+    before = fitter.beats
+    assert fitter.run(_job(image, iterations=5, reference=image)).ok
+    assert seen and seen[0]["id"] == "j" and seen[0]["beat"] > before
+    assert fitter.beats >= before + 4  # start, two reads, the steps, the write
+    assert fitter.progress == {}  # cleared when the job ends
+
+
+@pytest.mark.parametrize(
+    ("device", "gpus", "nvidia_files", "fails"),
+    [
+        (None, [0], ["/dev/nvidia0"], True),  # a GPU node whose CUDA does not work
+        ("cuda", [0], [], True),  # asked for CUDA: always checked
+        ("cuda:0", [1], ["/dev/nvidia1"], True),
+        ("cpu", [0], ["/dev/nvidia0"], False),  # --device cpu: on purpose
+        (None, [0], [], False),  # logical GPUs on a CPU machine (ray start --num-gpus)
+        (None, [], ["/dev/nvidia0"], False),  # a CPU worker
+    ],
+)
+def test_a_worker_given_a_gpu_it_cannot_use_fails_loudly(
+    device, gpus, nvidia_files, fails, monkeypatch
+):
+    import torch
+
+    from pipeline.actor import device_error
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # CUDA unusable here
+    problem = device_error(device, gpus, nvidia_files)
+    assert (problem is not None) == fails
+    if fails:
+        assert f"given GPU(s) {gpus}" in problem and "--device cpu" in problem
