@@ -70,9 +70,10 @@ def measure(storage: Storage, manifest: Path, out: Path) -> tuple[int, float, fl
     info = inspect_manifest(storage, str(manifest))
     summary = RunSummary(manifest_rows=info.num_rows)
     config = RunConfig(str(manifest), WorkerConfig(str(out)))
-    finished, prior = _prepare_out(storage, config, info, summary)
+    resume = _prepare_out(storage, config, info, summary)
     # As the run streams them: jobs made for the pending rows, finished ones spec-checked.
-    jobs = sum(1 for _ in pending_jobs(storage, info, finished, None, prior.ok_specs, summary))
+    jobs = sum(1 for _ in pending_jobs(storage, info, resume.finished, None, resume.recorded,
+                                       summary))  # fmt: skip
     return jobs, time.perf_counter() - started, memory_mib("VmHWM")
 
 

@@ -149,7 +149,7 @@ def resume(storage: Storage, manifest: str, out: str) -> tuple[float, float, str
     info = inspect_manifest(storage, manifest)
     inspected = time.perf_counter()
     summary = RunSummary(manifest_rows=info.num_rows)
-    finished = _prepare_out(storage, RunConfig(manifest, WorkerConfig(out)), info, summary)
+    finished = _prepare_out(storage, RunConfig(manifest, WorkerConfig(out)), info, summary).finished
     first = next(pending_jobs(storage, info, finished))
     return inspected - started, time.perf_counter() - inspected, first.id
 

@@ -285,13 +285,13 @@ class PriorResults:
     ``retryable``: failed ids whose failed rows all say KIND_INFRA and that have no ok row: a
     plain rerun runs them again (rows of older runs, without error_kind, are plain failures).
     ``bad_input``: failed ids whose failed rows all say KIND_JOB (their own input or params).
-    ``ok_specs``: id and spec of the ok rows that recorded a spec (spec.py)."""
+    ``specs``: id and spec of every row that recorded a spec (spec.py), ok or failed."""
 
     ok: pa.Array
     failed: pa.Array
     retryable: pa.Array = field(default_factory=lambda: pa.array([], pa.string()))
     bad_input: pa.Array = field(default_factory=lambda: pa.array([], pa.string()))
-    ok_specs: pa.Table = field(default_factory=lambda: SPECS_SCHEMA.empty_table())
+    specs: pa.Table = field(default_factory=lambda: SPECS_SCHEMA.empty_table())
 
     def finished_mask(self, ids: pa.Array, retry_failed: bool) -> pa.Array:
         done = pc.is_in(ids, value_set=self.ok)
@@ -330,7 +330,7 @@ def read_prior(storage: Storage, out: str) -> PriorResults:
     bad = pc.unique(pc.filter(ids, pc.and_(pc.invert(is_ok), is_job)).combine_chunks())
     bad = pc.filter(bad, pc.invert(pc.or_(pc.is_in(bad, value_set=ok),
                                           pc.is_in(bad, value_set=other))))  # fmt: skip
-    specs = table.select(["id", "spec"]).filter(pc.and_(is_ok, pc.is_valid(table.column("spec"))))
+    specs = table.select(["id", "spec"]).filter(pc.is_valid(table.column("spec")))
     return PriorResults(ok, failed, pc.filter(infra, keep), bad, specs)
 
 

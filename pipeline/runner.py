@@ -178,9 +178,9 @@ def _run_locked(
     config: RunConfig, console: Console, storage: Storage, info: ManifestInfo, lock: OutLock
 ) -> RunSummary:
     summary = RunSummary(manifest_rows=info.num_rows)
-    finished, prior = _prepare_out(storage, config, info, summary)
-    if config.rerun_changed and summary.skipped_ok:
-        finished = _rerun_changed(storage, config, info, summary, prior.ok_specs, finished)
+    resume = _prepare_out(storage, config, info, summary)
+    if config.rerun_changed and (summary.skipped_ok or summary.skipped_failed):
+        _rerun_changed(storage, config, info, summary, resume)
     _warn_if_format_changed(storage, config, summary)
     run_json = RunRecord(storage, config, lock.run_id)  # one id: lock, rows, runs/<id>.json
     run_json.write(summary)
@@ -188,7 +188,7 @@ def _run_locked(
         if not config.rerun_changed:  # no job streams past the finished rows: check them here
             batches = iter_batches(storage, info, SPEC_BATCH_ROWS)
             params = config.worker.param_defaults
-            _warn_changed(changed_specs(batches, prior.ok_specs, params).ids, summary)
+            _warn_changed(changed_specs(batches, resume.recorded, params).ids, summary)
         log.info("nothing to do: every job of the manifest already has a result in %s", config.out)
         run_json.write(summary, finished=True)
         return summary
@@ -200,7 +200,7 @@ def _run_locked(
         ) from error
     try:
         with _storage_errors(work_ran=True):
-            _schedule(config, storage, info, finished, prior, summary, console, run_json, lock)
+            _schedule(config, storage, info, resume, summary, console, run_json, lock)
     finally:
         if started:
             ray.shutdown()
@@ -215,30 +215,24 @@ def _run_locked(
 
 
 def _rerun_changed(
-    storage: Storage,
-    config: RunConfig,
-    info: ManifestInfo,
-    summary: RunSummary,
-    recorded: pa.Table,
-    finished: pa.Array,
-) -> pa.Array:
-    """--rerun-changed: drop the rows of the finished ids whose spec changed since they ran
-    (spec.py) and make them pending again. Returns ``finished``, updated. One pass over the
-    manifest before the first job; without the flag the same check runs as the jobs stream
-    (pending_jobs), and costs the start nothing."""
-    changed = changed_specs(iter_batches(storage, info, SPEC_BATCH_ROWS), recorded,
+    storage: Storage, config: RunConfig, info: ManifestInfo, summary: RunSummary, resume: Resume
+) -> None:
+    """--rerun-changed: drop the rows of the finished ids (ok or failed) whose spec changed
+    since they ran (spec.py) and make them pending again (``resume`` and ``summary``
+    updated). One pass over the manifest before the first job; without the flag the same
+    check runs as the jobs stream (pending_jobs), and costs the start nothing."""
+    changed = changed_specs(iter_batches(storage, info, SPEC_BATCH_ROWS), resume.recorded,
                             config.worker.param_defaults)  # fmt: skip
     if not changed.ids:
-        return finished
+        return
     dropped = drop_rows(storage, config.out, pa.array(changed.ids, pa.string()))
     log.info("running again %d job(s) whose spec changed (%d old row(s) removed): %s",
              len(changed.ids), dropped, _some(changed.ids))  # fmt: skip
-    mask = finished.to_numpy(zero_copy_only=False).copy()
+    mask = resume.finished.to_numpy(zero_copy_only=False).copy()
     mask[changed.rows] = False
+    resume.finished = pa.array(mask)
     summary.changed_specs = len(changed.ids)
-    summary.skipped_ok -= len(changed.ids)
-    summary.pending += len(changed.ids)
-    return pa.array(mask)
+    resume.count(summary, info.num_rows)
 
 
 def _some(ids: list[str], shown: int = 5) -> str:
@@ -262,16 +256,39 @@ def _warn_if_format_changed(storage: Storage, config: RunConfig, summary: RunSum
                     redact(config.out), before, summary.skipped_ok, now)  # fmt: skip
 
 
+@dataclass
+class Resume:
+    """What a run resumes from, per manifest row (masks over the manifest, in order): rows
+    with an ok result, with a final failure, of which the job's own bad input; ``finished``
+    = ok or final failure. ``prior``: what the earlier runs' rows say."""
+
+    prior: PriorResults
+    ok: pa.Array
+    final: pa.Array
+    bad_input: pa.Array
+    finished: pa.Array
+    recorded: pa.Table  # id and spec of the finished rows' results (spec.py)
+
+    def count(self, summary: RunSummary, rows: int) -> None:
+        """The summary's skipped and pending counts, from the masks."""
+
+        def total(mask: pa.Array) -> int:
+            return pc.sum(pc.and_(mask, self.finished)).as_py() or 0
+
+        summary.skipped_ok = total(self.ok)
+        summary.skipped_failed = total(self.final)
+        summary.skipped_failed_bad_input = total(self.bad_input)
+        summary.pending = rows - summary.skipped_ok - summary.skipped_failed
+
+
 def _prepare_out(
     storage: Storage, config: RunConfig, info: ManifestInfo, summary: RunSummary
-) -> tuple[pa.Array, PriorResults]:
+) -> Resume:
     """Clean up after an interrupted run (orphan traces, an unfinished compaction), compact
     small shards (a bounded amount: the writer does the rest), read what earlier runs
     finished, and drop the rows to be superseded: failed ones with --retry-failed, and always
-    those that failed for infrastructure reasons (PriorResults.retryable).
-    Returns, per manifest row, whether it already has its final result (one lookup over
-    every id: a hash of the earlier ids is built once, not once per batch), and what earlier
-    runs finished."""
+    those that failed for infrastructure reasons (PriorResults.retryable). One lookup over
+    every id: a hash of the earlier ids is built once, not once per batch."""
     orphans = remove_orphan_traces(storage, config.out)
     if orphans:
         log.info("removed %d trace shard(s) left by an interrupted run", orphans)
@@ -285,18 +302,19 @@ def _prepare_out(
     ok = pc.is_in(ids, value_set=prior.ok)
     failed = pc.and_(pc.is_in(ids, value_set=prior.failed), pc.invert(ok))
     retry = failed if config.retry_failed else pc.is_in(ids, value_set=prior.retryable)
-    summary.skipped_ok = pc.sum(ok).as_py() or 0
     retry_count = pc.sum(retry).as_py() or 0
-    summary.skipped_failed = (pc.sum(failed).as_py() or 0) - retry_count
     if retry_count:
         dropped = drop_failed_rows(storage, config.out, pc.filter(ids, retry))
         why = "failed" if config.retry_failed else "infrastructure-failed"
         log.info("retrying %d %s job(s) (%d old row(s) removed)", retry_count, why, dropped)
-    summary.pending = info.num_rows - summary.skipped_ok - summary.skipped_failed
     final = pc.and_(failed, pc.invert(retry))
     bad_input = pc.and_(final, pc.is_in(ids, value_set=prior.bad_input))
-    summary.skipped_failed_bad_input = pc.sum(bad_input).as_py() or 0
-    return pc.or_(ok, final), prior
+    finished = pc.or_(ok, final)
+    specs = prior.specs  # only the finished ids' (the retried ones' rows are gone)
+    recorded = specs.filter(pc.is_in(specs.column("id"), value_set=pc.filter(ids, finished)))
+    resume = Resume(prior, ok, final, bad_input, finished, recorded)
+    resume.count(summary, info.num_rows)
+    return resume
 
 
 def pending_jobs(
@@ -412,7 +430,7 @@ def plan_pool(config: RunConfig, pending: int) -> PoolSpec:
     return PoolSpec(min(workers, pending), 0, config.cpus_per_worker)
 
 
-def _schedule(config, storage, info, finished, prior, summary, console, run_json, lock) -> None:
+def _schedule(config, storage, info, resume, summary, console, run_json, lock) -> None:
     pool = plan_pool(config, summary.pending)
     writer = ShardWriter(storage, config.out, config.flush_rows, config.flush_seconds,
                          config.flush_bytes, run_id=run_json.run_id)  # fmt: skip
@@ -458,8 +476,8 @@ def _schedule(config, storage, info, finished, prior, summary, console, run_json
         with view:
             run_json.workers = scheduler.start()
             busy_from = time.monotonic()
-            recorded = None if config.rerun_changed else prior.ok_specs
-            jobs = pending_jobs(storage, info, finished, config.worker.param_defaults,
+            recorded = None if config.rerun_changed else resume.recorded
+            jobs = pending_jobs(storage, info, resume.finished, config.worker.param_defaults,
                                 recorded, summary)  # fmt: skip
             scheduler.run(sink.track(jobs))
             summary.busy_seconds = time.monotonic() - busy_from

@@ -250,7 +250,7 @@ def _prepare(tmp_path, out: str, ids: list[str], retry_failed: bool = False):
     info = inspect_manifest(storage, manifest)
     summary = RunSummary(manifest_rows=info.num_rows)
     config = RunConfig(manifest, WorkerConfig(out), retry_failed=retry_failed)
-    finished, _ = _prepare_out(storage, config, info, summary)
+    finished = _prepare_out(storage, config, info, summary).finished
     return dict(zip(ids, finished.to_pylist(), strict=True)), summary
 
 

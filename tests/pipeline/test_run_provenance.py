@@ -88,3 +88,23 @@ def test_run_wide_defaults_are_part_of_the_spec(tmp_path, ray_local):
     assert _run(manifest, out, "--stop", "auto")[0] == 0
     code, text = _run(manifest, out, "--stop", "fixed")
     assert code == 0 and "1 finished job(s) have another spec" in text, text
+
+
+@pytest.mark.ray
+def test_a_failed_job_whose_input_was_fixed_is_named_and_rerun_on_request(tmp_path, ray_local):
+    image = write_png(tmp_path / "a.png", tiny_image(0, 16))
+    jobs = [{"id": "a", "task": "denoise", "image": image},
+            {"id": "b", "task": "denoise", "image": str(tmp_path / "missing.png")}]  # fmt: skip
+    manifest = write_manifest(tmp_path / "m.parquet", jobs)
+    out = tmp_path / "out"
+    code, text = _run(manifest, out)
+    assert code == 1 and _rows(out)["b"]["error_kind"] == "job", text
+
+    jobs[1]["image"] = image  # the user fixes the URI of the failed job
+    write_manifest(manifest, jobs)
+    code, text = _run(manifest, out)
+    assert code == 1 and "1 finished job(s) have another spec" in text and ": b;" in text, text
+    code, text = _run(manifest, out, "--rerun-changed")
+    assert code == 0 and "running again 1 job(s) whose spec changed" in text, text
+    rows = _rows(out)
+    assert rows["b"]["status"] == "ok" and rows["a"]["status"] == "ok"
