@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 
 class DippipeError(Exception):
     """An error meant for users: its message says what went wrong and what to do about it.
@@ -27,3 +29,17 @@ class NoWorkersError(InfrastructureError):
 
 class WorkerDeviceError(InfrastructureError):
     """A worker was given a GPU it cannot use (CUDA broken on its node): never a silent CPU fit."""
+
+
+def causes(error: BaseException) -> Iterator[BaseException]:
+    """``error``, then what it wraps: its cause, else its context unless suppressed (an error
+    raised ``from None`` hides what it replaced on purpose). Each once, in order."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        if current.__cause__ is not None:
+            current = current.__cause__
+        else:
+            current = None if current.__suppress_context__ else current.__context__

@@ -42,6 +42,7 @@ import errno
 import ray
 import torch
 
+from pipeline.errors import causes
 from pipeline.outputs import KIND_INFRA, KIND_JOB
 from pipeline.retry import StorageUnavailableError
 
@@ -110,16 +111,8 @@ _ACCELERATOR_ERROR = getattr(torch, "AcceleratorError", None)  # torch >= 2.8
 def classify(error: BaseException) -> str:
     """``KIND_INFRA`` when the error, or an exception it wraps, is the infrastructure's
     (module docstring); else ``KIND_JOB``."""
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if _infrastructure_here(current):
-            return KIND_INFRA
-        if current.__cause__ is not None:
-            current = current.__cause__
-        else:
-            current = None if current.__suppress_context__ else current.__context__
+    if any(_infrastructure_here(current) for current in causes(error)):
+        return KIND_INFRA
     return KIND_JOB
 
 

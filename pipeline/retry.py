@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from pipeline.errors import DippipeError
+from pipeline.errors import DippipeError, causes
 from pipeline.safetext import printable
 
 log = logging.getLogger("dippipe")
@@ -102,18 +102,11 @@ class RetryPolicy:
 
 def is_transient(error: BaseException) -> bool:
     """True for errors a retry may cure; looks through the exception's causes."""
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
+    for current in causes(error):
         if isinstance(current, (*PERMANENT, StorageUnavailableError)):
             return False  # StorageUnavailableError: already retried to exhaustion below us
         if _transient_here(current):
             return True
-        if current.__cause__ is not None:
-            current = current.__cause__
-        else:
-            current = None if current.__suppress_context__ else current.__context__
     return False
 
 

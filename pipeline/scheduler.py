@@ -222,14 +222,8 @@ class Scheduler:
     def _fill(self, jobs: Iterator[Job], exhausted: bool) -> bool:
         if self.buffer is not None:
             return self._fill_sized(jobs, exhausted, self.buffer)
-        for lane in self.lanes:
-            if lane.job is not None or self._held(lane):
-                continue
-            taken = self._take_retry(lane)
-            if taken is not None:
-                self._submit(lane, *taken)
-                continue
-            if exhausted or self._draining(lane):
+        for lane in self._lanes_for_new_jobs():
+            if exhausted:
                 continue
             job = next(jobs, None)
             if job is None:
@@ -243,15 +237,7 @@ class Scheduler:
         actor (Lookahead.pick); the buffer is topped up from the stream as jobs leave it."""
         exhausted = self._top_up(jobs, exhausted, buffer)
         self._lane_waits_for_read = False
-        for lane in self.lanes:
-            if lane.job is not None or self._held(lane):
-                continue
-            taken = self._take_retry(lane)
-            if taken is not None:
-                self._submit(lane, *taken)
-                continue
-            if self._draining(lane):
-                continue
+        for lane in self._lanes_for_new_jobs():
             entry = buffer.pick(self._actor_key(lane.actor))
             if entry is None:
                 self._lane_waits_for_read = bool(buffer)
@@ -259,6 +245,18 @@ class Scheduler:
             self._submit(lane, entry.job, 1, entry)
             exhausted = self._top_up(jobs, exhausted, buffer)
         return exhausted
+
+    def _lanes_for_new_jobs(self) -> Iterator[Lane]:
+        """Free lanes, each first given a job waiting for a retry if one may run there; the
+        lanes yielded may take a new job (not held for a suspect, not draining)."""
+        for lane in self.lanes:
+            if lane.job is not None or self._held(lane):
+                continue
+            taken = self._take_retry(lane)
+            if taken is not None:
+                self._submit(lane, *taken)
+            elif not self._draining(lane):
+                yield lane
 
     def _top_up(self, jobs: Iterator[Job], exhausted: bool, buffer: Lookahead) -> bool:
         assert self._reader is not None, "set with the buffer"

@@ -129,24 +129,11 @@ def test_lock_creation_is_atomic_between_racing_processes(tmp_path, s3_bucket):
 
 
 def _plant(out: Path, **changes) -> LockInfo:
-    """A lock as another run would have left it."""
-    values = {
-        "run_id": "other-run",
-        "host": "elsewhere.example",
-        "pid": 4242,
-        "process_start": None,
-        "started_at": "2026-01-01T00:00:00+00:00",
-        "heartbeat_at": "now",
-        "heartbeat_unix": time.time(),
-    }
-    info = LockInfo(**{**values, **changes})
+    """A lock as another run would have left it, in a local OUT (written atomically, as every
+    writer of the lock does: a heartbeat reading a half-written file would rightly see "an
+    unreadable lock", not the planted run)."""
     out.mkdir(parents=True, exist_ok=True)
-    # Atomically, as every writer of the lock does (storage.py): a heartbeat reading a
-    # half-written file would rightly see "an unreadable lock", not the planted run.
-    staged = out / ".lock.planting"
-    staged.write_bytes(info.encode())
-    os.replace(staged, out / ".lock")
-    return info
+    return _plant_anywhere(Storage(), str(out), **changes)
 
 
 def test_stale_locks_are_taken_over_and_live_ones_refused(tmp_path):
