@@ -33,6 +33,9 @@ class EngineOptions:
     compile_mode: str | None = None  # e.g. "reduce-overhead" for CUDA graphs
     checkpointing: bool = False  # recompute activations in backward: large images fit memory
     float64: bool = False  # double precision weights (equivalence tests, debugging)
+    # One static step (forward, backward, flat Adam, trace write with a device-side step
+    # index) captured whole in one CUDA graph; on a CPU the same static step runs eagerly.
+    cuda_graph: bool = False
 
     @classmethod
     def fastest_for(cls, device: torch.device) -> EngineOptions:
