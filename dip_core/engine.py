@@ -1,9 +1,10 @@
 """K networks of one architecture as one: packed weights and a vectorised Adam.
 
 With batch 1 in train mode, BatchNorm normalises each image by its own statistics, so K
-independent fits can share one forward pass: ``torch.func.vmap`` over ``functional_call``
-turns every convolution into a grouped convolution (``groups=K``) while each slot keeps its
-own weights, statistics and optimiser state. All weights live in one flat (K, P) tensor, so
+independent fits can share one forward pass through one grouped network (networks.py with
+``slots=K``): every conv a grouped conv, one BatchNorm over all K slots' channels, on a
+``(1, K*C, H, W)`` tensor (channels_last where the options say so), while each slot keeps
+its own weights, statistics and optimiser state. All weights live in one flat buffer, so
 Adam is a handful of kernels per step whatever the number of layers (a for-loop Adam costs
 ~1,000 launches per step), and each slot has its own step count, so a finished slot is
 refilled in place with a fresh network.
@@ -11,16 +12,15 @@ refilled in place with a fresh network.
 
 from __future__ import annotations
 
-import copy
 import functools
 import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.func import functional_call, vmap
+from torch.func import functional_call
 
-from .networks import SkipSpec, build_network
+from .networks import Layout, SkipSpec, build_network
 
 
 @dataclass(frozen=True)
@@ -28,8 +28,8 @@ class EngineOptions:
     """Speed switches; each can be turned off so the speed benchmark can show its effect."""
 
     bf16: bool = False  # autocast convolutions to bfloat16 (CUDA); energies stay float32
-    channels_last: bool = False  # NHWC activations (single-slot engines)
-    compile: bool = False  # torch.compile the network's forward
+    channels_last: bool = False  # NHWC activations and conv weights
+    compile: bool = False  # torch.compile the network's forward (and Adam)
     compile_mode: str | None = None  # e.g. "reduce-overhead" for CUDA graphs
     checkpointing: bool = False  # recompute activations in backward: large images fit memory
     float64: bool = False  # double precision weights (equivalence tests, debugging)
@@ -41,8 +41,9 @@ class EngineOptions:
     def fastest_for(cls, device: torch.device) -> EngineOptions:
         """The defaults: switches that keep results and help on this kind of device.
 
-        bf16 and compile are opt-in until the GPU benchmark shows they keep quality within
-        0.1 dB (benchmarks/speed.py); channels_last helps tensor cores on CUDA only.
+        bf16, compile and the whole-step graph stay opt-in until a GPU run of
+        benchmarks/gpu_checks.sh shows they pay and keep quality within 0.1 dB;
+        channels_last helps tensor cores on CUDA only.
         """
         return cls(channels_last=device.type == "cuda")
 
@@ -55,14 +56,21 @@ def seeded_network(spec: SkipSpec, seed: int) -> nn.Module:
         return build_network(spec)
 
 
+def _conv_weight_order(shape: torch.Size, channels_last: bool) -> tuple[int, ...] | None:
+    """For a conv weight stored channels_last, the (out, kh, kw, in) order it is kept in."""
+    return (0, 2, 3, 1) if channels_last and len(shape) == 4 else None
+
+
 class PackedNetwork:
     """K slots of one SkipSpec, their weights in one flat buffer.
 
     The buffer is parameter-major: parameter i of every slot forms one contiguous (K, ...)
-    block. Each block is exposed as a leaf tensor that shares the buffer's memory, and its
-    ``.grad`` is a view of one flat gradient buffer, so backward accumulates in place and
-    the optimiser works on two flat tensors (slicing one parameter tensor per layer out of
-    a flat leaf would cost a full-size gradient copy per layer in backward).
+    block, which is exactly the grouped layer's parameter (K*out, in, kh, kw) seen as
+    (K, out, in, kh, kw), so the module reads the buffer with no copy. Each block is exposed
+    as a leaf tensor sharing the buffer's memory, and its ``.grad`` is a view of one flat
+    gradient buffer, so backward accumulates in place and the optimiser works on two flat
+    tensors. With channels_last, conv weights are kept (out, kh, kw, in) in the buffer, the
+    layout NHWC convolutions read.
     """
 
     def __init__(self, spec: SkipSpec, slots: int, device: torch.device, options: EngineOptions):
@@ -79,20 +87,29 @@ class PackedNetwork:
         offset = 0
         for name, shape, size in zip(self.names, self.shapes, self.sizes, strict=True):
             block = slice(offset, offset + slots * size)
-            leaf = self.flat[block].view(slots, *shape).detach().requires_grad_()
-            leaf.grad = self.flat_grad[block].view(slots, *shape)
+            leaf = self._block_view(self.flat[block], shape).detach().requires_grad_()
+            leaf.grad = self._block_view(self.flat_grad[block], shape)
             self.params[name] = leaf
             offset += slots * size
-        self.module = copy.deepcopy(template).to(device, self.dtype)
-        if options.channels_last:
-            # Module.to takes memory_format at run time; torch's overloads omit it.
-            self.module = self.module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        layout = Layout(slots=slots, skip_cancelled_bias=True)
+        self.module = build_network(spec, layout).to(device, self.dtype)
         self.module.requires_grad_(False)
+        if device.type == "cuda":  # one image size per pack: let cuDNN pick its kernels once
+            torch.backends.cudnn.benchmark = True
         # Static shapes: a pack holds one padded size, so each size compiles once (dynamic
         # shapes failed to compile after a size change, and CUDA graphs need static ones).
         self._forward = torch.compile(self._call, mode=options.compile_mode, dynamic=False) if (
             options.compile
         ) else self._call  # fmt: skip
+
+    def _block_view(self, block: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """A (K, *shape) view of one parameter's block of the flat buffer."""
+        order = _conv_weight_order(shape, self.options.channels_last)
+        if order is None:
+            return block.view(self.slots, *shape)
+        stored = [shape[i] for i in order]
+        inverse = [0] + [1 + order.index(i) for i in range(4)]
+        return block.view(self.slots, *stored).permute(*inverse)
 
     def slot_views(self, slot: int) -> list[torch.Tensor]:
         """Slot ``slot``'s parameters, as views into the flat buffer."""
@@ -105,7 +122,7 @@ class PackedNetwork:
     def set_slot_weights(self, slot: int, weights: torch.Tensor) -> None:
         offset = 0
         for view, size in zip(self.slot_views(slot), self.sizes, strict=True):
-            view.copy_(weights[offset : offset + size].view_as(view))
+            view.copy_(weights[offset : offset + size].view(view.shape))
             offset += size
 
     def load_slot(self, slot: int, seed: int) -> None:
@@ -117,27 +134,25 @@ class PackedNetwork:
     def zero_grad(self) -> None:
         self.flat_grad.zero_()
 
-    def _call_one(self, params: dict[str, torch.Tensor], z: torch.Tensor) -> torch.Tensor:
+    def _call(self, params: dict[str, torch.Tensor], z: torch.Tensor) -> torch.Tensor:
+        # (K, out, ...) -> (K*out, ...): a view, channels_last strides included.
+        grouped = {name: leaf.flatten(0, 1) for name, leaf in params.items()}
         if self.options.checkpointing:
             return torch.utils.checkpoint.checkpoint(
-                functional_call, self.module, params, (z,), use_reentrant=False
+                functional_call, self.module, grouped, (z,), use_reentrant=False
             )
-        return functional_call(self.module, params, (z,))
-
-    def _call(self, params: dict[str, torch.Tensor], z: torch.Tensor) -> torch.Tensor:
-        if self.slots == 1:
-            first = {name: leaf[0] for name, leaf in params.items()}
-            return self._call_one(first, z[0]).unsqueeze(0)
-        return vmap(self._call_one)(params, z)
+        return functional_call(self.module, grouped, (z,))
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
         """(K, 1, C, H, W) inputs -> (K, 1, C_out, H, W) outputs."""
-        z = z.to(self.dtype)
-        if self.options.channels_last and self.slots == 1:
-            z = z.contiguous(memory_format=torch.channels_last) if z.dim() == 4 else z
+        k, _, c, h, w = z.shape
+        z = z.to(self.dtype).reshape(1, k * c, h, w)
+        if self.options.channels_last:
+            z = z.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.options.bf16):
             out = self._forward(self.params, z)
-        return out.float() if out.dtype == torch.bfloat16 else out
+        out = out.float() if out.dtype == torch.bfloat16 else out
+        return out.reshape(k, 1, -1, h, w)
 
 
 class FlatAdam:

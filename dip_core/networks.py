@@ -8,6 +8,14 @@ BN -> conv -> BN -> act (-> 1x1 conv -> BN -> act when ``need_1x1_up``). The out
 (models/skip.py of DmitryUlyanov/deep-image-prior) layer for layer; the reference network
 tests check it preset by preset. BatchNorm stays in train mode: with a batch of one image it
 normalises over that image's pixels, as in the paper.
+
+``slots=K`` builds K such networks as one (the packed engine, engine.py): every conv is a
+grouped conv (``groups=K``) on ``(1, K*C, H, W)``, one ``BatchNorm2d(K*C)`` normalises each
+slot's channels by their own statistics (at batch 1, per channel is per slot), and the skip
+concatenation keeps the channels slot-major. ``skip_cancelled_bias`` leaves out the bias
+of every conv that feeds a BatchNorm: BN subtracts the channel mean, so that bias changes
+nothing but costs a pass over the activation (the parameter stays, so a seed builds the same
+weights).
 """
 
 from __future__ import annotations
@@ -85,79 +93,117 @@ class SkipSpec:
         return True
 
 
-def _conv(spec: SkipSpec, cin: int, cout: int, kernel: int, stride: int = 1) -> nn.Sequential:
+@dataclass(frozen=True)
+class Layout:
+    """How one module holds its networks: ``slots`` of them side by side in the channels,
+    and whether the convs that feed a BatchNorm skip their (cancelled) bias."""
+
+    slots: int = 1
+    skip_cancelled_bias: bool = False
+
+
+class Conv(nn.Conv2d):
+    """A (grouped) conv whose bias may be left out when a BatchNorm follows."""
+
+    def __init__(self, cin, cout, kernel, stride, padding, layout: Layout, feeds_norm: bool):
+        k = layout.slots
+        super().__init__(k * cin, k * cout, kernel, stride, padding=padding, groups=k)
+        self.apply_bias = not (feeds_norm and layout.skip_cancelled_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.weight, self.bias if self.apply_bias else None)
+
+
+def _conv(spec: SkipSpec, layout: Layout, cin: int, cout: int, kernel: int, stride: int = 1,
+          feeds_norm: bool = True) -> nn.Sequential:  # fmt: skip
     layers: list[nn.Module] = []
     pad = (kernel - 1) // 2
     zero_pad = pad if spec.padding == "zero" else 0
     if spec.padding == "reflection" and pad > 0:
         layers.append(nn.ReflectionPad2d(pad))
-    if stride > 1 and spec.downsample == "avg":
-        layers.append(nn.Conv2d(cin, cout, kernel, 1, padding=zero_pad))
+    if stride > 1 and spec.downsample == "avg":  # pooling a constant bias keeps it constant
+        layers.append(Conv(cin, cout, kernel, 1, zero_pad, layout, feeds_norm))
         layers.append(nn.AvgPool2d(stride, stride))
     else:
-        layers.append(nn.Conv2d(cin, cout, kernel, stride, padding=zero_pad))
+        layers.append(Conv(cin, cout, kernel, stride, zero_pad, layout, feeds_norm))
     return nn.Sequential(*layers)
 
 
-def _norm(channels: int) -> nn.BatchNorm2d:
-    # Always the statistics of the current image: DIP never switches to running averages,
-    # and keeping none makes K networks stackable under torch.func.vmap (packing).
-    return nn.BatchNorm2d(channels, track_running_stats=False)
+def _norm(layout: Layout, channels: int) -> nn.BatchNorm2d:
+    # Always the statistics of the current image: DIP never switches to running averages.
+    return nn.BatchNorm2d(layout.slots * channels, track_running_stats=False)
 
 
-def _bn_act(channels: int) -> list[nn.Module]:
-    return [_norm(channels), nn.LeakyReLU(0.2, inplace=True)]
+def _bn_act(layout: Layout, channels: int) -> list[nn.Module]:
+    return [_norm(layout, channels), nn.LeakyReLU(0.2, inplace=True)]
+
+
+def slot_major_cat(parts: list[torch.Tensor], slots: int) -> torch.Tensor:
+    """Concatenate ``(1, K*C_i, H, W)`` tensors channel-wise per slot: slot k's channels of
+    every part, then slot k+1's. Keeps a channels_last input channels_last."""
+    if slots == 1:
+        return torch.cat(parts, dim=1)
+    h, w = parts[0].shape[-2:]
+    if parts[0].is_contiguous(memory_format=torch.channels_last):
+        # NHWC memory is (H, W, K, C): concatenate along C there, with no layout change.
+        nhwc = [p.permute(0, 2, 3, 1).unflatten(3, (slots, -1)) for p in parts]
+        return torch.cat(nhwc, dim=4).flatten(3).permute(0, 3, 1, 2)
+    return torch.cat([p.unflatten(1, (slots, -1)) for p in parts], dim=2).view(1, -1, h, w)
 
 
 class SkipLevel(nn.Module):
     """One level of the hourglass; ``inner`` is the next level, or None at the bottom."""
 
-    def __init__(self, spec: SkipSpec, level: int, cin: int, inner: SkipLevel | None) -> None:
+    def __init__(
+        self, spec: SkipSpec, level: int, cin: int, inner: SkipLevel | None, layout: Layout
+    ) -> None:
         super().__init__()
+        self.slots = layout.slots
         down, skip = spec.channels_down[level], spec.channels_skip[level]
         up, k_down, k_up = spec.channels_up[level], spec.kernels_down[level], spec.kernels_up[level]
         self.skip = (
-            nn.Sequential(_conv(spec, cin, skip, spec.kernel_skip), *_bn_act(skip))
+            nn.Sequential(_conv(spec, layout, cin, skip, spec.kernel_skip), *_bn_act(layout, skip))
             if skip > 0
             else None
         )
         deeper: list[nn.Module] = [
-            _conv(spec, cin, down, k_down, stride=2),
-            *_bn_act(down),
-            _conv(spec, down, down, k_down),
-            *_bn_act(down),
+            _conv(spec, layout, cin, down, k_down, stride=2),
+            *_bn_act(layout, down),
+            _conv(spec, layout, down, down, k_down),
+            *_bn_act(layout, down),
         ]
         if inner is not None:
             deeper.append(inner)
         deeper.append(nn.Upsample(scale_factor=2, mode=spec.upsample[level]))
         self.deeper = nn.Sequential(*deeper)
         merged = skip + (spec.channels_up[level + 1] if inner is not None else down)
-        merge: list[nn.Module] = [_norm(merged), _conv(spec, merged, up, k_up)]
-        merge += _bn_act(up)
+        merge: list[nn.Module] = [_norm(layout, merged), _conv(spec, layout, merged, up, k_up)]
+        merge += _bn_act(layout, up)
         if spec.need_1x1_up:
-            merge += [_conv(spec, up, up, 1), *_bn_act(up)]
+            merge += [_conv(spec, layout, up, up, 1), *_bn_act(layout, up)]
         self.merge = nn.Sequential(*merge)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.skip is None:
             return self.merge(self.deeper(x))
         # Skip branch first, as the reference's Concat runs its branches.
-        return self.merge(torch.cat([self.skip(x), self.deeper(x)], dim=1))
+        return self.merge(slot_major_cat([self.skip(x), self.deeper(x)], self.slots))
 
 
 class SkipNetwork(nn.Module):
     """The full generator: nested levels, then a 1x1 conv head (and a sigmoid)."""
 
-    def __init__(self, spec: SkipSpec) -> None:
+    def __init__(self, spec: SkipSpec, layout: Layout = Layout()) -> None:
         super().__init__()
-        self.spec = spec
+        self.spec, self.layout = spec, layout
         inner: SkipLevel | None = None
         for level in reversed(range(spec.depth)):
             cin = spec.in_channels if level == 0 else spec.channels_down[level - 1]
-            inner = SkipLevel(spec, level, cin, inner)
+            inner = SkipLevel(spec, level, cin, inner, layout)
         assert inner is not None  # SkipSpec guarantees depth >= 1
         self.body = inner
-        head: list[nn.Module] = [_conv(spec, spec.channels_up[0], spec.out_channels, 1)]
+        out = spec.out_channels
+        head: list[nn.Module] = [_conv(spec, layout, spec.channels_up[0], out, 1, feeds_norm=False)]
         if spec.need_sigmoid:
             head.append(nn.Sigmoid())
         self.head = nn.Sequential(*head)
@@ -170,5 +216,5 @@ class SkipNetwork(nn.Module):
         return self.head(self.body(z))
 
 
-def build_network(spec: SkipSpec) -> SkipNetwork:
-    return SkipNetwork(spec)
+def build_network(spec: SkipSpec, layout: Layout = Layout()) -> SkipNetwork:
+    return SkipNetwork(spec, layout)

@@ -1,4 +1,8 @@
-"""Packing: K fits in one vmapped network behave exactly like K separate fits."""
+"""Packing: K fits in one grouped network behave like K separate fits.
+
+Grouped and plain convolutions are different kernels, so even in float64 they may round
+differently (BLAS and oneDNN promise no bit-exactness across shapes, thread counts or
+alignment): packed and separate networks are compared at 1e-12 relative."""
 
 import pytest
 import torch
@@ -17,27 +21,64 @@ def images(n, size=16):
     return [torch.rand(3, size, size, generator=g) for _ in range(n)]
 
 
-def test_packed_outputs_and_gradients_equal_separate_networks_in_float64():
-    problem = build_problem("denoise", images(1)[0], params=SMALL)
-    net = PackedNetwork(problem.spec, 3, CPU, EngineOptions(float64=True))
+VARIANTS = {
+    "paper": {},
+    "avg, zero padding, nearest": {"downsample": "avg", "padding": "zero", "upsample": "nearest"},
+    "no skip at one level": {"skip_channels": [4, 0, 4]},
+}
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("variant", list(VARIANTS), ids=list(VARIANTS))
+def test_packed_outputs_and_gradients_equal_separate_networks_in_float64(variant, channels_last):
+    """The reference-exact network (networks.py, checked against the reference code's
+    ``skip()``) is the independent side: one per seed, biases included."""
+    params = {**SMALL, **VARIANTS[variant]}
+    problem = build_problem("denoise", images(1)[0], params=params)
+    net = PackedNetwork(problem.spec, 3, CPU, EngineOptions(float64=True, channels_last=channels_last))
     seeds = (3, 4, 5)
     for slot, seed in enumerate(seeds):
         net.load_slot(slot, seed)
     z = torch.rand(3, 1, 4, 16, 16, dtype=torch.float64)
     packed = net(z).double()
     net.zero_grad()
-    packed.sum().backward()
-    packed_grads = {name: leaf.grad for name, leaf in net.params.items()}
-    for name, leaf in net.params.items():  # backward accumulated into the flat buffer
-        assert leaf.grad.data_ptr() == packed_grads[name].data_ptr()
+    (packed * torch.linspace(0, 1, 16, dtype=torch.float64)).sum().backward()
+    for leaf in net.params.values():  # backward accumulated into the flat buffer
+        assert leaf.grad._base is net.flat_grad
     assert net.flat_grad.abs().sum() > 0
     for slot, seed in enumerate(seeds):
         lone = seeded_network(problem.spec, seed).double()
         out = lone(z[slot])
-        out.sum().backward()
-        assert torch.equal(packed[slot], out), "forward must be bit-exact in float64"
-        for leaf, p in zip(net.params.values(), lone.parameters(), strict=True):
-            torch.testing.assert_close(leaf.grad[slot], p.grad, rtol=1e-12, atol=1e-12)
+        (out * torch.linspace(0, 1, 16, dtype=torch.float64)).sum().backward()
+        torch.testing.assert_close(packed[slot], out, rtol=1e-12, atol=1e-12)
+        for name, (leaf, p) in zip(net.params, zip(net.params.values(), lone.parameters(),
+                                                   strict=True), strict=True):  # fmt: skip
+            # A bias before a BatchNorm is cancelled: its exact gradient is 0, which the
+            # packed network (skipping it) gives and the lone one gives up to rounding.
+            torch.testing.assert_close(leaf.grad[slot], p.grad, rtol=1e-10, atol=1e-12,
+                                       msg=lambda m, name=name: f"{name}: {m}")  # fmt: skip
+
+
+def test_channels_last_is_real_in_every_convolution():
+    """Every conv of a channels_last engine reads NHWC activations and weights."""
+    problem = build_problem("denoise", images(1)[0], params=SMALL)
+    net = PackedNetwork(problem.spec, 2, CPU, EngineOptions(channels_last=True))
+    seen = []
+
+    def check(module, inputs):
+        nhwc = torch.channels_last
+        seen.append(inputs[0].is_contiguous(memory_format=nhwc))
+
+    convs = [m for m in net.module.modules() if isinstance(m, torch.nn.Conv2d)]
+    handles = [conv.register_forward_pre_hook(check) for conv in convs]
+    net(torch.rand(2, 1, 4, 16, 16))
+    for handle in handles:
+        handle.remove()
+    assert len(seen) == len(convs) and all(seen), seen
+    weights = [leaf for name, leaf in net.params.items() if leaf.dim() == 5]
+    assert weights and all(
+        w.flatten(0, 1).is_contiguous(memory_format=torch.channels_last) for w in weights
+    )
 
 
 def test_flat_adam_matches_torch_adam_per_slot():
