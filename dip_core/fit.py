@@ -17,6 +17,7 @@ import torch
 from .config import FitConfig, FitProgress, FitResult
 from .engine import EngineOptions, FlatAdam, PackedNetwork
 from .slot import FitSlot
+from .step_graph import StepGraph
 from .tasks import Problem
 
 Callback = Callable[[FitProgress], "bool | None"]
@@ -133,6 +134,8 @@ class _Pack:
         self.adam = FlatAdam(self.net)
         self.slots: list[FitSlot | None] = [None] * slots
         self.idle_input: torch.Tensor | None = None
+        graphed = options.cuda_graph and device.type == "cuda"
+        self.graph = StepGraph(device) if graphed else None
 
     @property
     def active(self) -> list[FitSlot]:
@@ -154,6 +157,26 @@ class _Pack:
         self.slots[index] = slot
 
     def step(self) -> Iterator[tuple[Any, FitResult]]:
+        active = self.active
+        if self.graph is not None and all(slot.graphable for slot in active):
+            signature = tuple(None if s is None else s.graph_key() for s in self.slots)
+            generators = [s.generator for s in active if s.config.reg_noise_std > 0]
+            self.graph.run(self._advance, signature, generators)
+        else:
+            self._advance()
+        for slot in active:
+            slot.step += 1
+        for slot in active:
+            if slot.due():
+                reason = slot.sync(self.net, self.adam)
+                if reason is not None:
+                    yield slot.tag, slot.result(reason, self._final_output(slot), self.device)
+                    self.slots[slot.index] = None
+                    self.adam.release_slot(slot.index)
+
+    def _advance(self) -> None:
+        """The device side of one step of every slot: no host read, everything written in
+        place (what a CUDA graph replays)."""
         idle = self._idle()
         inputs = [s.network_input(self.net) if s else idle for s in self.slots]
         out = self.net(torch.stack(inputs))
@@ -162,19 +185,12 @@ class _Pack:
         torch.stack(energies).sum().backward()
         self.adam.step()
         for slot, energy in zip(self.active, energies, strict=True):
-            slot.record(out[slot.index].detach(), energy.detach())
-        for slot in self.active:
-            if slot.due():
-                reason = slot.sync(self.net, self.adam)
-                if reason is not None:
-                    yield slot.tag, slot.result(reason, self._final_output(slot), self.device)
-                    self.slots[slot.index] = None
-                    self.adam.release_slot(slot.index)
+            slot.write(out[slot.index].detach(), energy.detach())
 
     @torch.no_grad()
     def _final_output(self, slot: FitSlot) -> torch.Tensor | None:
         """The network's output for the slot's un-jittered input (only when needed)."""
-        if slot.average is not None:
+        if slot.averaged:
             return None
         idle = self._idle()
         inputs = [slot.z if i == slot.index else idle for i in range(len(self.slots))]

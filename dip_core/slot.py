@@ -1,8 +1,12 @@
 """One fit's own state inside a packed engine: input, trace, averaging, stopping, rollback.
 
 The trace stays on the device and is read back only at the slot's sync points (every
-``sync_every`` steps). Divergence is checked there: a window with a non-finite energy, or
-whose median (or its second half's, or at the end its last 3 steps') is ``divergence_ratio``
+``sync_every`` steps). A step writes its trace entry, average and stopping statistic in place
+at a device-side step index, and reads nothing back: the whole step can be replayed as one
+CUDA graph (step_graph.py), and never waits for the device.
+
+Divergence is checked at the sync points: a window with a non-finite energy, or whose
+median (or its second half's, or at the end its last 3 steps') is ``divergence_ratio``
 above the previous window's median, is thrown away whole, the slot's weights AND Adam state
 are restored from its last good checkpoint, its learning rate is halved, and the fit
 continues (the reference code keeps Adam's moments and still applies the bad step).
@@ -32,11 +36,14 @@ class _Checkpoint:
         self.adam = adam.state(slot.index)
         self.average = None if slot.average is None else slot.average.clone()
 
+    @torch.no_grad()
     def restore(self, slot: FitSlot, net: PackedNetwork, adam: FlatAdam) -> None:
         net.set_slot_weights(slot.index, self.weights)
         adam.load_state(slot.index, self.adam)
-        slot.average = None if self.average is None else self.average.clone()
+        if slot.average is not None and self.average is not None:
+            slot.average.copy_(self.average)  # in place: a captured step graph reads it
         slot.step = self.step
+        slot.step_index.fill_(self.step)
 
 
 LAST_STEPS = 3  # the final window's last steps, judged on their own
@@ -89,9 +96,11 @@ class FitSlot:
             self.stop_rule = None
         if self.stop_rule is not None:
             self.stop_stats = torch.full((n,), float("nan"), dtype=torch.float64, device=device)
-        self.stopper: VarianceStopper | None = None
-        self.average: torch.Tensor | None = None
+        self.stopper: VarianceStopper | None = None  # set by start(), with the rule
+        self.average: torch.Tensor | None = None  # the running average, where it averages
+        # Steps done: on the host for the loop, on the device for what a step writes.
         self.step, self.rollbacks, self.level = 0, 0, float("inf")
+        self.step_index = torch.zeros((), dtype=torch.long, device=device)
         # ``checkpoint`` starts the window being checked; its own energy is the window's
         # first entry, so it is trusted only once that window passes. ``trusted`` is the one
         # before it: where a rollback goes if the checkpoint itself was already diverged.
@@ -101,7 +110,26 @@ class FitSlot:
     def start(self, net: PackedNetwork, adam: FlatAdam) -> None:
         net.load_slot(self.index, self.config.seed)
         adam.reset_slot(self.index, self.config.lr)
+        # Every buffer a step writes exists before the first step: a step graph needs them.
+        p = self.problem.placement
+        shape = (1, self.problem.spec.out_channels, p.height, p.width)
+        crop = torch.zeros(shape, device=self.z.device, dtype=net.dtype)
+        if self.config.exp_weight > 0:
+            self.average = torch.zeros_like(crop)
+        if self.stop_rule is not None:
+            self.stopper = VarianceStopper(self.stop_rule, crop, self.problem.energy_floor)
         self.checkpoint = self.trusted = _Checkpoint(self, net, adam)
+
+    @property
+    def graphable(self) -> bool:
+        """Whether this slot's step can be replayed as a CUDA graph: a step hook is Python
+        that runs every step, with the host's step count."""
+        return self.step_hook is None
+
+    def graph_key(self) -> tuple:
+        """What a captured step of this slot depends on besides its tensors: a change means
+        capturing again (the stopping rule stops updating once it has decided)."""
+        return (id(self), self.stopper is None or self.stopper.decision is None)
 
     def network_input(self, net: PackedNetwork) -> torch.Tensor:
         if self.step_hook is not None:
@@ -112,22 +140,35 @@ class FitSlot:
         return self.problem.data_energy(padded_output)
 
     @torch.no_grad()
-    def record(self, padded_output: torch.Tensor, energy: torch.Tensor) -> None:
+    def write(self, padded_output: torch.Tensor, energy: torch.Tensor) -> None:
+        """The device side of recording a step: trace, average, stopping statistic, all in
+        place at ``step_index`` (no host read, no new tensor kept)."""
         crop = self.problem.placement.crop(padded_output)
-        w = self.config.exp_weight
+        at = self.step_index.view(1)
         current = crop
-        if w > 0:
-            current = crop if self.average is None else self.average * w + crop * (1 - w)
-            self.average = current
-        self.energies[self.step] = energy
+        if self.average is not None:
+            w = self.config.exp_weight
+            first = self.step_index == 0
+            self.average.copy_(torch.where(first, crop, self.average * w + crop * (1 - w)))
+            current = self.average
+        self.energies.index_copy_(0, at, energy.view(1).to(self.energies.dtype))
         reference = self.problem.reference
         if self.psnrs is not None and reference is not None:  # psnrs exist iff reference does
-            self.psnrs[self.step] = psnr(current, reference)
-        if self.stop_rule is not None and self.stop_stats is not None:  # both set or neither
-            if self.stopper is None:
-                self.stopper = VarianceStopper(self.stop_rule, crop, self.problem.energy_floor)
-            self.stop_stats[self.step] = self.stopper.update(self.step, crop, current, energy)
+            self.psnrs.index_copy_(0, at, psnr(current, reference).view(1).to(self.psnrs.dtype))
+        if self.stopper is not None and self.stop_stats is not None:  # both set or neither
+            stat = self.stopper.update(self.step_index, crop, current, energy)
+            self.stop_stats.index_copy_(0, at, stat.view(1))
+        self.step_index.add_(1)
+
+    def record(self, padded_output: torch.Tensor, energy: torch.Tensor) -> None:
+        """Record one step: its device side (``write``), then the host's step count."""
+        self.write(padded_output, energy)
         self.step += 1
+
+    @property
+    def averaged(self) -> bool:
+        """Whether the result is the running average (it exists once a step has run)."""
+        return self.average is not None and self.step > 0
 
     def due(self) -> bool:
         return self.step % self.config.sync_every == 0 or self.step >= self.config.iterations
@@ -189,7 +230,8 @@ class FitSlot:
             # Only the stopper says "auto", and only once it has decided.
             assert self.stopper is not None and decision is not None
             image, stopped_at = self.stopper.best_image, decision[0]
-        elif self.average is not None:
+        elif self.averaged:
+            assert self.average is not None
             image = self.average
         else:
             assert final_output is not None, "needed when there is no average"

@@ -23,6 +23,7 @@ caller asks ``should_stop`` only at its sync points.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -69,7 +70,7 @@ class VarianceStopper:
         self.recent_energy = torch.zeros((), dtype=torch.float64, device=device)
         self.older_energy = torch.zeros((), dtype=torch.float64, device=device)
         self.armed = torch.zeros((), dtype=torch.bool, device=device)
-        self.count = 0
+        self.count = torch.zeros((), dtype=torch.long, device=device)  # steps in the windows
         self.best_variance = torch.full((), float("inf"), dtype=torch.float64, device=device)
         self.best_step = torch.full((), -1, dtype=torch.long, device=device)
         self.capture_step = torch.full((), -1, dtype=torch.long, device=device)
@@ -80,52 +81,58 @@ class VarianceStopper:
         return x[..., :: self.stride, :: self.stride]
 
     def _track_energy(self, energy: torch.Tensor) -> None:
-        window, slot = self.rule.window, self.count % (2 * self.rule.window)
-        if self.count >= 2 * window:  # the oldest value leaves the older window
-            self.older_energy -= self.energies[slot]
-        if self.count >= window:  # the value one window back moves to the older window
-            moving = self.energies[(self.count - window) % (2 * window)]
-            self.recent_energy -= moving
-            self.older_energy += moving
-        self.energies[slot] = energy
-        self.recent_energy += energy.double()
-        if self.count + 1 >= window and self.energy_floor is not None:
-            self.armed |= self.recent_energy / window < self.energy_floor
-        elif self.count + 1 >= 2 * window and self.energy_floor is None:
+        # Ring slots not yet written hold 0 (forget_from clears them), so the removals
+        # below run every step and subtract exactly 0 until their window is full: no
+        # branch on the (device-side) count, so the step can be replayed as a CUDA graph.
+        window = self.rule.window
+        count = self.count
+        leaving = _at(self.energies, count % (2 * window))  # the oldest value leaves
+        moving = _at(self.energies, (count - window) % (2 * window))  # one window back
+        self.older_energy.sub_(leaving).add_(moving)
+        self.recent_energy.sub_(moving)
+        _put(self.energies, count % (2 * window), energy.double())
+        self.recent_energy.add_(energy.double())
+        seen = count + 1
+        if self.energy_floor is not None:
+            self.armed |= (seen >= window) & (self.recent_energy / window < self.energy_floor)
+        else:
             drop = (self.older_energy - self.recent_energy) / window
-            self.armed |= drop < self.rule.plateau * self.recent_energy / window
+            self.armed |= (seen >= 2 * window) & (
+                drop < self.rule.plateau * self.recent_energy / window
+            )
 
     def update(
-        self, step: int, output: torch.Tensor, result: torch.Tensor, energy: torch.Tensor
-    ) -> torch.Tensor:
+        self, step: int | torch.Tensor, output: torch.Tensor, result: torch.Tensor,
+        energy: torch.Tensor,
+    ) -> torch.Tensor:  # fmt: skip
         """Add step's raw output and energy; keep ``result`` if the fit is armed and the
         variance is the lowest so far. Returns the window's variance per value (NaN until
-        the window is full)."""
+        the window is full). ``step`` may be a device tensor: nothing here reads the device."""
         self._track_energy(energy)
         sample = self._sample(output).float()
-        slot = self.count % self.rule.window
-        if self.count >= self.rule.window:
-            old = self.buffer[slot].double()
-            self.sum -= old
-            self.sum_squares -= (old * old).sum()
-        self.buffer[slot] = sample
-        self.sum += sample.double()
-        self.sum_squares += (sample.double() ** 2).sum()
-        self.count += 1
-        if self.count < self.rule.window:
-            return torch.full((), float("nan"), dtype=torch.float64, device=output.device)
         n = self.rule.window
+        slot = self.count % n
+        old = _at(self.buffer, slot).double()  # zeros until the window has wrapped
+        self.sum.sub_(old)
+        self.sum_squares.sub_((old * old).sum())
+        _put(self.buffer, slot, sample)
+        self.sum.add_(sample.double())
+        self.sum_squares.add_((sample.double() ** 2).sum())
+        self.count.add_(1)
         variance = (self.sum_squares / n - ((self.sum / n) ** 2).sum()) / sample.numel()
+        variance = torch.where(self.count >= n, variance, torch.full_like(variance, math.nan))
         if self.decision is not None:  # the rule has chosen (not enforced): keep its choice
             return variance
+        # NaN (a window not yet full) is never better.
         better = self.armed & (variance < self.best_variance)
-        self.best_variance = torch.where(better, variance, self.best_variance)
+        self.best_variance.copy_(torch.where(better, variance, self.best_variance))
         # A fill kernel, not torch.tensor(step): that is a host-to-device copy, which
         # synchronises the stream every step on CUDA.
-        now = torch.full((), step, dtype=torch.long, device=output.device)
-        self.best_step = torch.where(better, now, self.best_step)
-        self.capture_step = torch.where(better, now + self.rule.result_delay, self.capture_step)
-        self.best_image = torch.where(self.capture_step == now, result, self.best_image)
+        now = step if isinstance(step, torch.Tensor) else torch.full_like(self.best_step, step)
+        self.best_step.copy_(torch.where(better, now, self.best_step))
+        delayed = now + self.rule.result_delay
+        self.capture_step.copy_(torch.where(better, delayed, self.capture_step))
+        self.best_image.copy_(torch.where(self.capture_step == now, result, self.best_image))
         return variance
 
     def should_stop(self, steps_done: int) -> bool:
@@ -146,8 +153,9 @@ class VarianceStopper:
     def forget_from(self, step: int) -> None:
         """After a rollback to ``step``: empty the windows, disarm, and drop a best (and a
         decision) whose image is not captured yet or came from the steps thrown away."""
-        self.count = 0
-        for tensor in (self.sum, self.sum_squares, self.recent_energy, self.older_energy):
+        state = (self.count, self.sum, self.sum_squares, self.recent_energy, self.older_energy,
+                 self.buffer, self.energies)  # fmt: skip
+        for tensor in state:
             tensor.zero_()
         self.armed.fill_(False)
         if self.decision is not None and self.decision[0] >= step:
@@ -156,3 +164,13 @@ class VarianceStopper:
             self.best_variance.fill_(float("inf"))
             self.best_step.fill_(-1)
             self.capture_step.fill_(-1)
+
+
+def _at(ring: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``ring[index]`` for a device-side index, with no host read."""
+    return ring.index_select(0, index.view(1))[0]
+
+
+def _put(ring: torch.Tensor, index: torch.Tensor, value: torch.Tensor) -> None:
+    """``ring[index] = value`` for a device-side index, with no host read."""
+    ring.index_copy_(0, index.view(1), value.unsqueeze(0).to(ring.dtype))

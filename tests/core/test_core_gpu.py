@@ -5,7 +5,7 @@ import torch
 
 from dip_core import FitConfig, build_problem, fit
 from dip_core.engine import EngineOptions
-from dip_core.fit import FitItem, fit_many
+from dip_core.fit import FitItem, PackedRunner, fit_many
 
 pytestmark = [
     pytest.mark.gpu,
@@ -44,3 +44,43 @@ def test_packed_fits_on_cuda():
     items = [FitItem(i, _problem(i), FitConfig(20, 0.01, 0.0, 0.0, seed=i)) for i in range(4)]
     results = dict(fit_many(items, slots=4, device="cuda"))
     assert sorted(results) == [0, 1, 2, 3]
+
+
+def test_no_step_syncs_the_stream():
+    """Between sync points a step must never wait for the device (CUDA's own detector)."""
+    config = FitConfig(30, 0.01, 0.03, 0.99, sync_every=30)
+    runner = PackedRunner(2, "cuda")
+    for seed in (0, 1):
+        runner.offer(FitItem(seed, _problem(seed), config))
+    runner.step()  # first step: lazy set-up (cuDNN, allocator) may sync once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(27):
+            runner.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(runner.step() + runner.step()) == 2
+
+
+def test_the_whole_step_graph_replays_the_eager_step():
+    """Two fits, one refilled mid-way (a new capture): the graph's trace follows the eager
+    one's, and steps were captured (not silently run eagerly)."""
+    items = [FitItem(i, _problem(i), FitConfig(n, 0.01, 0.03, 0.99, seed=i, sync_every=10))
+             for i, n in enumerate((40, 20, 30))]  # fmt: skip
+    eager = dict(fit_many(items, slots=2, device="cuda"))
+    items = [FitItem(i, _problem(i), item.config) for i, item in enumerate(items)]
+    runner = PackedRunner(2, "cuda", EngineOptions(cuda_graph=True))
+    graphed, queue = {}, list(items)
+    while queue or runner.busy:
+        while queue:
+            taken, done = runner.offer(queue[0])
+            graphed.update(done)
+            if not taken:
+                break
+            queue.pop(0)
+        graphed.update(runner.step())
+    assert runner.pack is not None and runner.pack.graph is not None
+    assert runner.pack.graph.captures >= 2
+    for i in range(3):
+        torch.testing.assert_close(graphed[i].energies, eager[i].energies, rtol=1e-3, atol=1e-6)

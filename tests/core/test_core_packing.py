@@ -35,7 +35,8 @@ def test_packed_outputs_and_gradients_equal_separate_networks_in_float64(variant
     ``skip()``) is the independent side: one per seed, biases included."""
     params = {**SMALL, **VARIANTS[variant]}
     problem = build_problem("denoise", images(1)[0], params=params)
-    net = PackedNetwork(problem.spec, 3, CPU, EngineOptions(float64=True, channels_last=channels_last))
+    options = EngineOptions(float64=True, channels_last=channels_last)
+    net = PackedNetwork(problem.spec, 3, CPU, options)
     seeds = (3, 4, 5)
     for slot, seed in enumerate(seeds):
         net.load_slot(slot, seed)
