@@ -3,7 +3,7 @@
 A worker with ``--fits-per-gpu K`` accepts K jobs at once (K lanes, each a thread of the
 Ray actor). Each lane loads its job's inputs and plans its fits, then hands them to the
 shared :class:`PackedFitService`, whose single thread steps ``dip_core``'s PackedRunner:
-every step advances all packed fits in one vmapped network, and a fit that ends frees its
+every step advances all packed fits in one grouped network, and a fit that ends frees its
 slot for the next one. When a step itself fails (e.g. out of memory), every fit in the pack
 fails with that error and the pack is rebuilt; other jobs are not affected.
 

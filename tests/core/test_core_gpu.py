@@ -31,7 +31,13 @@ def test_cuda_fit_is_reproducible_and_close_to_the_cpu_start():
 
 @pytest.mark.parametrize(
     "options",
-    [EngineOptions(channels_last=True), EngineOptions(bf16=True), EngineOptions(compile=True)],
+    [
+        EngineOptions(channels_last=True),
+        EngineOptions(bf16=True),
+        EngineOptions(compile=True),
+        EngineOptions(cuda_graph=True),
+        EngineOptions(bf16=True, channels_last=True, cuda_graph=True),
+    ],
 )
 def test_each_switch_fits_on_cuda(options):
     config = FitConfig(40, 0.01, 0.0, 0.0, seed=1)

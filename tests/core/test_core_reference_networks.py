@@ -258,7 +258,7 @@ def signature(module):
             module.padding, module.dilation, module.groups, module.bias is not None,
         )  # fmt: skip
     if isinstance(module, nn.BatchNorm2d):
-        # track_running_stats differs on purpose (dip_core keeps none, for vmap packing): in
+        # track_running_stats differs on purpose (dip_core keeps none: it never uses them): in
         # train mode, which DIP never leaves, both normalise by the current batch.
         return ("bn", module.num_features, module.eps, module.affine)
     if isinstance(module, nn.LeakyReLU):
