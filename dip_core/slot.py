@@ -14,6 +14,7 @@ continues (the reference code keeps Adam's moments and still applies the bad ste
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 
@@ -46,6 +47,7 @@ class _Checkpoint:
         slot.step_index.fill_(self.step)
 
 
+_SERIALS = itertools.count()
 LAST_STEPS = 3  # the final window's last steps, judged on their own
 
 
@@ -78,6 +80,7 @@ def _bad_start(window: torch.Tensor, level: float, cfg: FitConfig) -> bool:
 class FitSlot:
     def __init__(self, tag, problem: Problem, config: FitConfig, index: int, device, hooks):
         self.tag, self.problem, self.config, self.index = tag, problem, config, index
+        self.serial = next(_SERIALS)  # unlike id(), never reused by a later slot
         self.callbacks, self.step_hook = hooks
         self.started = time.perf_counter()
         problem.to(device)
@@ -129,7 +132,7 @@ class FitSlot:
     def graph_key(self) -> tuple:
         """What a captured step of this slot depends on besides its tensors: a change means
         capturing again (the stopping rule stops updating once it has decided)."""
-        return (id(self), self.stopper is None or self.stopper.decision is None)
+        return (self.serial, self.stopper is None or self.stopper.decision is None)
 
     def network_input(self, net: PackedNetwork) -> torch.Tensor:
         if self.step_hook is not None:

@@ -56,7 +56,9 @@ class StepGraph:
         graph = torch.cuda.CUDAGraph()
         for generator in generators:  # a fit's own generator, not the device's default one
             graph.register_generator_state(generator)
-        with torch.cuda.graph(graph, stream=self.stream):
+        # thread_local: a worker's other threads (progress, memory checks) may use CUDA
+        # while this one captures.
+        with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
             step()  # recorded, not run: the replay that follows runs it
         self.captures += 1
         return graph
