@@ -3,13 +3,15 @@
 (a) the plain loop, as the reference code runs it: float32, batch 1, eager, for-loop Adam,
     a host read of the loss every step;
 (b) our engine with each switch added in turn (flat Adam and no per-step sync, then
-    channels_last, bf16 autocast, torch.compile, CUDA graphs);
+    channels_last, bf16 autocast, the whole-step CUDA graph, torch.compile);
 (c) packing: K = 1, 2, 4, 8, 16 fits in one network.
 
 Prints steps per second (per fit), images per hour per device at 3,000 steps, model FLOP
-utilisation (460.1 GFLOP per step at 512x512 for the paper's denoising network, scaled by
-pixel count) and the final PSNR of each variant on the same noisy image. On CPU, use small
-sizes and read the ratios. Runs with ``PYTHONPATH=.`` on torch, numpy and scikit-image.
+utilisation (FLOPs of one forward + backward counted by torch's FLOP counter: 460.1 GFLOP
+at 512x512 for the paper's denoising network; the peak is chosen from the device name,
+benchmarks/peaks.py) and the final PSNR of each variant on the same noisy image. Each row
+is printed (and the JSON rewritten) as soon as it is measured. On CPU, use small sizes and
+read the ratios. Runs with ``PYTHONPATH=.`` on torch, numpy and scikit-image.
 
     PYTHONPATH=. python -m benchmarks.speed --sizes 64 --channels 32 --steps 60     # CPU
     PYTHONPATH=. python -m benchmarks.speed --sizes 256,512 --steps 300             # GPU
@@ -18,21 +20,25 @@ sizes and read the ratios. Runs with ``PYTHONPATH=.`` on torch, numpy and scikit
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from benchmarks.peaks import peak_for
 from dip_core import FitConfig, build_problem, psnr
 from dip_core.engine import EngineOptions, seeded_network
 from dip_core.fit import FitItem, fit_many
 from dip_core.inputs import jittered
+from dip_core.networks import SkipSpec, build_network
 
-GFLOP_512 = 460.1  # forward + backward of the paper's denoising network at 512x512
-H200_BF16_TFLOPS = 989.5  # dense
+IMAGES = ("astronaut", "coffee", "chelsea")  # photos that ship inside scikit-image
+NOISE_SIGMA = 25 / 255
 
 
 @dataclass
@@ -42,24 +48,63 @@ class Measure:
     slots: int
     steps_per_s: float  # per fit
     psnr: float
+    gflop: float = 0.0  # one fit's forward + backward per step
+    bf16: bool = False  # which peak MFU is taken against
 
     def images_per_hour(self, steps: int = 3000) -> float:
         return self.steps_per_s * self.slots * 3600 / steps
 
     def mfu(self, peak_tflops: float | None) -> float | None:
-        if not peak_tflops:
+        if not peak_tflops or not self.gflop:
             return None
-        flop = GFLOP_512 * 1e9 * (self.size / 512) ** 2 * self.steps_per_s * self.slots
-        return flop / (peak_tflops * 1e12)
+        return self.gflop * 1e9 * self.steps_per_s * self.slots / (peak_tflops * 1e12)
+
+    def line(self) -> str:
+        name = self.variant if "K=" in self.variant else f"{self.variant} K={self.slots}"
+        return (
+            f"[{self.size}px] {name}: {self.steps_per_s:.3g} steps/s "
+            f"per fit, {self.images_per_hour():.4g} images/h, PSNR {self.psnr:.2f} dB"
+        )
 
 
-def test_image(size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+@functools.lru_cache(maxsize=16)
+def step_gflop(spec: SkipSpec, height: int, width: int) -> float:
+    """GFLOP of one forward + backward of one fit, counted on the meta device (no compute)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        net = build_network(spec)
+        z = torch.empty(1, spec.in_channels, height, width)
+    with FlopCounterMode(display=False) as counter:
+        net(z).sum().backward()
+    return counter.get_total_flops() / 1e9
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def peak_tflops(device: torch.device, bf16: bool, override: float | None = None) -> float | None:
+    """The peak MFU is taken against: the override, else the device's from the table."""
+    if override:
+        return override
+    peak = peak_for(device_name(device)) if device.type == "cuda" else None
+    return peak.tflops(bf16) if peak else None
+
+
+def test_image(size: int, seed: int, name: str = "astronaut") -> tuple[torch.Tensor, torch.Tensor]:
+    """(clean, noisy) (3, size, size) images: a scikit-image photo, centre-cropped square and
+    resized, with Gaussian noise of sigma 25/255 (the paper's denoising setting)."""
     from skimage import data, transform
 
-    image = transform.resize(data.astronaut(), (size, size), anti_aliasing=True)
+    photo = getattr(data, name)()
+    side = min(photo.shape[:2])
+    top, left = (photo.shape[0] - side) // 2, (photo.shape[1] - side) // 2
+    square = photo[top : top + side, left : left + side]
+    image = transform.resize(square, (size, size), anti_aliasing=True)
     clean = torch.tensor(image, dtype=torch.float32).permute(2, 0, 1).contiguous()
     noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed))
-    return clean, (clean + 25 / 255 * noise).clamp(0, 1)
+    return clean, (clean + NOISE_SIGMA * noise).clamp(0, 1)
 
 
 def sync(device: torch.device) -> None:
@@ -88,6 +133,7 @@ def plain_loop(problem, config, device, warmup: int) -> tuple[float, torch.Tenso
         crop = problem.placement.crop(out.detach())
         average = crop if average is None else 0.99 * average + 0.01 * crop
     sync(device)
+    assert started is not None and average is not None, "needs more steps than warm-up"
     return (time.perf_counter() - started) / (config.iterations - warmup), average[0]
 
 
@@ -114,13 +160,13 @@ def switch_ladder(device: torch.device) -> list[tuple[str, EngineOptions]]:
     if device.type == "cuda":
         steps.append(("+ channels_last", replace(steps[-1][1], channels_last=True)))
         steps.append(("+ bf16", replace(steps[-1][1], bf16=True)))
+    steps.append(("+ whole-step graph", replace(steps[-1][1], cuda_graph=True)))
     steps.append(("+ compile", replace(steps[-1][1], compile=True)))
-    if device.type == "cuda":
-        steps.append(("+ CUDA graphs", replace(steps[-1][1], compile_mode="reduce-overhead")))
     return steps
 
 
-def measure_size(size: int, args, device: torch.device) -> list[Measure]:
+def measure_size(size: int, args, device: torch.device) -> Iterator[Measure]:
+    """Every row at one size, yielded as soon as it is measured."""
     params = {"channels": args.channels} if args.channels else {}
     clean, noisy = test_image(size, 0)
     config = FitConfig(args.steps, 0.01, 1 / 30, 0.99, seed=0, sync_every=args.sync_every)
@@ -128,36 +174,40 @@ def measure_size(size: int, args, device: torch.device) -> list[Measure]:
     def problem():
         return build_problem("denoise", noisy, reference=clean, params=params)
 
-    rows = []
+    p = problem().placement
+    gflop = step_gflop(problem().spec, p.padded_height, p.padded_width)
+
+    def row(variant: str, slots: int, rate: float, images, bf16: bool = False) -> Measure:
+        quality = float(np.mean([psnr(image.cpu(), clean).item() for image in images]))
+        return Measure(size, variant, slots, rate, quality, gflop, bf16)
+
     for seed in range(args.seeds):
         seconds, image = plain_loop(problem(), replace(config, seed=seed), device, args.warmup)
-        rows.append(Measure(size, "plain loop", 1, 1 / seconds, psnr(image.cpu(), clean).item()))
+        yield row("plain loop", 1, 1 / seconds, [image])
     ladder = switch_ladder(device)
     for name, options in ladder:
         for seed in range(args.seeds):
             rate, images = engine_run([problem()], replace(config, seed=seed), device, options,
                                       args.warmup)  # fmt: skip
-            rows.append(Measure(size, name, 1, rate, psnr(images[0], clean).item()))
+            yield row(name, 1, rate, images, options.bf16)
     best = ladder[-1][1] if args.pack_options == "all" else EngineOptions.fastest_for(device)
     for slots in args.slots:
-        rate, images = engine_run([problem() for _ in range(slots)], config, device, best,
-                                  args.warmup)  # fmt: skip
-        quality = float(np.mean([psnr(im, clean).item() for im in images]))
-        rows.append(Measure(size, f"packed K={slots}", slots, rate, quality))
-    return rows
+        problems = [problem() for _ in range(slots)]
+        rate, images = engine_run(problems, config, device, best, args.warmup)
+        yield row(f"packed K={slots}", slots, rate, images, best.bf16)
 
 
-def summarise(rows: list[Measure], peak: float | None) -> list[dict]:
+def summarise(rows: list[Measure], peak: Callable[[bool], float | None]) -> list[dict]:
     """One line per (size, variant): seeds averaged; ratios against the plain loop."""
     out = []
     for size in sorted({r.size for r in rows}):
         group = [r for r in rows if r.size == size]
         base = [r for r in group if r.variant == "plain loop"]
-        base_rate = np.mean([r.images_per_hour() for r in base])
-        base_psnr = np.mean([r.psnr for r in base])
+        base_rate = np.mean([r.images_per_hour() for r in base]) if base else np.nan
+        base_psnr = np.mean([r.psnr for r in base]) if base else np.nan
         for variant in dict.fromkeys(r.variant for r in group):
             same = [r for r in group if r.variant == variant]
-            mfu = same[0].mfu(peak)
+            mfu = same[0].mfu(peak(same[0].bf16))
             out.append({
                 "size": size, "variant": variant, "K": same[0].slots,
                 "steps/s per fit": float(np.mean([r.steps_per_s for r in same])),
@@ -170,14 +220,14 @@ def summarise(rows: list[Measure], peak: float | None) -> list[dict]:
     return out
 
 
-def print_table(lines: list[dict]) -> None:
+def format_table(lines: list[dict]) -> str:
     heads = list(lines[0])
     cells = [[f"{v:.3g}" if isinstance(v, float) else ("-" if v is None else str(v))
               for v in line.values()] for line in lines]  # fmt: skip
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(heads)]
-    print("  ".join(h.ljust(w) for h, w in zip(heads, widths, strict=True)))
-    for row in cells:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+    text = ["  ".join(h.ljust(w) for h, w in zip(heads, widths, strict=True))]
+    text += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(text)
 
 
 def main() -> None:
@@ -194,22 +244,26 @@ def main() -> None:
         help="switches for the packed runs: the defaults, or every switch",
     )  # fmt: skip
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--peak-tflops", type=float, help="for MFU (H200 bf16: 989.5)")
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--peak-tflops", type=float, help="for MFU (default: from the device)")
+    parser.add_argument("--json", type=Path, help="rewritten after every row")
     args = parser.parse_args()
     args.slots = [int(s) for s in args.slots.split(",")]
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(1)
-    peak = args.peak_tflops or (H200_BF16_TFLOPS if device.type == "cuda" else None)
-    rows = []
+
+    def peak(bf16: bool) -> float | None:
+        return peak_tflops(device, bf16, args.peak_tflops)
+
+    print(f"device: {device_name(device)}; peak TFLOP/s bf16 {peak(True)}, fp32 {peak(False)}")
+    rows: list[Measure] = []
     for size in (int(s) for s in args.sizes.split(",")):
-        rows += measure_size(size, args, device)
-        print(f"[{size}px] measured", flush=True)
-    lines = summarise(rows, peak)
-    print_table(lines)
-    if args.json:
-        args.json.write_text(json.dumps(lines, indent=1))
+        for measure in measure_size(size, args, device):
+            rows.append(measure)
+            print(measure.line(), flush=True)
+            if args.json:
+                args.json.write_text(json.dumps(summarise(rows, peak), indent=1))
+    print(format_table(summarise(rows, peak)))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,95 @@
+"""The engine's CUDA-only promises, checked first in the GPU run (the test suite's CUDA tests
+need pytest, which a bare GPU machine may lack): no step syncs the stream, the whole-step
+graph replays the eager step, and every switch fits. Each check returns a row's fields and
+raises when the promise is broken, so the row shows up as an error."""
+
+from __future__ import annotations
+
+import torch
+
+from dip_core import EngineOptions, FitConfig, build_problem
+from dip_core.fit import FitItem, PackedRunner, fit_many
+
+SIZE = 64
+PARAMS = {"channels": 32, "depth": 4, "input_depth": 8}
+
+
+def _problem(seed: int, size: int = SIZE):
+    clean = torch.rand(3, size, size, generator=torch.Generator().manual_seed(seed))
+    return build_problem("denoise", clean, reference=clean, params=PARAMS)
+
+
+def no_step_syncs(device: torch.device) -> dict:
+    """28 steps of 2 packed fits under CUDA's sync detector ("error": a sync raises)."""
+    steps = 30
+    config = FitConfig(steps, 0.01, 0.03, 0.99, sync_every=steps)
+    runner = PackedRunner(2, device)
+    for seed in (0, 1):
+        runner.offer(FitItem(seed, _problem(seed), config))
+    runner.step()  # lazy set-up (cuDNN, the allocator) may sync once
+    torch.cuda.synchronize(device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(steps - 2):
+            runner.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    finished = runner.step()
+    return {"steps checked": steps - 2, "fits finished": len(finished), "syncs": 0}
+
+
+def _drive(runner: PackedRunner, items: list[FitItem]) -> dict:
+    results, queue = {}, list(items)
+    while queue or runner.busy:
+        while queue:
+            taken, done = runner.offer(queue[0])
+            results.update(done)
+            if not taken:
+                break
+            queue.pop(0)
+        results.update(runner.step())
+    return results
+
+
+def graph_matches_eager(device: torch.device) -> dict:
+    """Three fits through 2 slots (one refilled: a second capture), without input jitter so
+    both runs see the same numbers: the largest relative energy difference over the traces."""
+    lengths = (60, 30, 45)
+
+    def items() -> list[FitItem]:
+        return [FitItem(i, _problem(i), FitConfig(n, 0.01, 0.0, 0.99, seed=i, sync_every=10))
+                for i, n in enumerate(lengths)]  # fmt: skip
+
+    eager = dict(fit_many(items(), slots=2, device=device))
+    runner = PackedRunner(2, device, EngineOptions(cuda_graph=True))
+    graphed = _drive(runner, items())
+    captures = runner.pack.graph.captures if runner.pack and runner.pack.graph else 0
+    worst = max(
+        float(((graphed[i].energies - eager[i].energies).abs() / eager[i].energies.abs()).max())
+        for i in range(len(lengths))
+    )
+    if captures < 2 or worst > 1e-3:
+        raise AssertionError(f"captures {captures}, worst relative energy difference {worst:.3g}")
+    return {"captures": captures, "max rel energy diff": worst}
+
+
+SWITCHES = {
+    "channels_last": EngineOptions(channels_last=True),
+    "bf16": EngineOptions(bf16=True, channels_last=True),
+    "cuda_graph": EngineOptions(cuda_graph=True, channels_last=True),
+    "bf16 + cuda_graph": EngineOptions(bf16=True, channels_last=True, cuda_graph=True),
+    "packed K=2 cuda_graph": EngineOptions(cuda_graph=True, channels_last=True),
+}
+
+
+def switch_fits(device: torch.device, name: str, size: int = SIZE) -> dict:
+    """60 jittered steps with the switch on: the energy falls and the image is finite."""
+    slots = 2 if name.startswith("packed") else 1
+    config = FitConfig(60, 0.01, 0.03, 0.99, sync_every=20)
+    items = [FitItem(i, _problem(i, size), config) for i in range(slots)]
+    results = dict(fit_many(items, slots=slots, device=device, options=SWITCHES[name]))
+    for result in results.values():
+        first, last = float(result.energies[0]), float(result.energies[-1])
+        if not last < first or not torch.isfinite(result.image).all():
+            raise AssertionError(f"energy {first:.4g} -> {last:.4g}")
+    return {"energy first": first, "energy last": last, "fits": len(results)}
