@@ -3,7 +3,7 @@
 One actor per GPU (or per CPU share). Each lane runs one job at a time, in its own thread of
 the actor (``max_concurrency`` = lanes); with several lanes the fits are packed on the device
 (packing.py). Besides, a "status" concurrency group answers ``describe`` / ``progress`` /
-``packing`` while the lanes fit.
+``packing`` / ``set_threads`` while the lanes fit.
 
 A worker that Ray gave a GPU must be able to use it: when CUDA is unusable in its process and
 the run did not ask for ``--device cpu``, ``describe()`` reports a ``device_error`` that stops
@@ -24,14 +24,17 @@ import torch
 from pipeline.manifest import Job
 from pipeline.outputs import JobOutcome
 from pipeline.packing import PackedFitService, PackingConfig
-from pipeline.worker import WORKER_HOOK, Fitter, WorkerConfig
+from pipeline.worker import WORKER_HOOK, Fitter, Threads, WorkerConfig
 
-AUTO_CUDA_LANES = 4  # --fits-per-gpu auto on a CUDA worker (packing.py caps it by memory)
+# --fits-per-gpu auto on a CUDA worker (packing.py caps it by memory): 1, no packing, until a
+# device shows that packing pays (issue 17's GPU table); --fits-per-gpu K packs on request.
+AUTO_CUDA_LANES = 1
 NVIDIA_DEVICE_FILES = "/dev/nvidia[0-9]*"  # present on a node with NVIDIA GPUs, driver or not
 
 
 def lanes_for(config: WorkerConfig, auto_cuda: int | None = None) -> int:
-    """Jobs a worker takes at once: --fits-per-gpu, or auto (0): 4 on CUDA, 1 on a CPU.
+    """Jobs a worker takes at once: --fits-per-gpu, or auto (0): AUTO_CUDA_LANES on CUDA, 1
+    on a CPU.
     ``auto_cuda`` answers for a process that cannot look at its own device (the driver)."""
     if config.fits_per_gpu > 0:
         return config.fits_per_gpu
@@ -85,20 +88,38 @@ class FitActor:
                                      "gpus": gpus}  # fmt: skip
         self.fitters: list[Fitter] = []
         self.service = None
+        self.threads = Threads(config.threads or 1)  # one count for the process's fits
         problem = device_error(config.device, gpus, glob.glob(NVIDIA_DEVICE_FILES))
         if problem:  # reported by describe(); no Fitter may fall back to the CPU
             self.info.update(lanes=0, device_error=problem)
             return
         lanes = lanes_for(config)
-        self.info["lanes"] = lanes
+        self.info.update(lanes=lanes, threads=self.threads.count)
         if lanes > 1:
             self.service = PackedFitService(PackingConfig(lanes, config.device))
         self.fitters = [
-            Fitter(config, name, node, self.service, ship_process_local=True) for _ in range(lanes)
+            Fitter(config, name, node, self.service, ship_process_local=True, threads=self.threads)
+            for _ in range(lanes)
         ]
 
-    def run(self, job: Job, attempt: int, payload: dict[str, bytes], lane: int = 0) -> JobOutcome:
+    def run(
+        self,
+        job: Job,
+        attempt: int,
+        payload: dict[str, bytes],
+        lane: int = 0,
+        threads: int | None = None,
+    ) -> JobOutcome:
+        """Run the job in the lane; ``threads``: the torch threads from now on (the driver's
+        share of the node's CPUs, scheduler.py), else unchanged."""
+        if threads is not None:
+            self.threads.count = max(1, threads)
         return self.fitters[lane].run(job, attempt, payload)
+
+    @ray.method(concurrency_group="status")
+    def set_threads(self, threads: int) -> None:
+        """Torch threads for the fits from their next progress report on."""
+        self.threads.count = max(1, threads)
 
     @ray.method(concurrency_group="status")
     def describe(self) -> dict[str, Any]:

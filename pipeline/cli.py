@@ -149,9 +149,27 @@ def run_command(
         str | None, typer.Option(help="Ray cluster: 'auto' or 'ray://host:10001'.")
     ] = None,
     retry_failed: Annotated[bool, typer.Option(help="Rerun jobs that failed before.")] = False,
-    workers: Annotated[int | None, typer.Option(help="CPU workers when --gpus 0.")] = None,
-    cpus_per_worker: Annotated[float, typer.Option(help="Ray CPUs reserved per worker.")] = 1.0,
-    threads: Annotated[int | None, typer.Option(help="Torch threads per worker.")] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="CPU workers when --gpus 0 (default: one per pending job, up to as many as "
+            "the CPUs hold).",
+        ),
+    ] = None,
+    cpus_per_worker: Annotated[
+        float | None,
+        typer.Option(
+            help="Ray CPUs reserved per worker (default: 1; CPU workers without --workers "
+            "or --threads share the CPUs: one job on a 4-CPU machine gets all 4).",
+        ),
+    ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            help="Torch threads per worker, fixed (default: one per CPU it reserves; CPU "
+            "workers left without work at the end of a run lend theirs to the busy ones).",
+        ),
+    ] = None,
     max_attempts: Annotated[
         int,
         typer.Option(help="Tries per job when its worker dies, stalls or fails around it."),
@@ -190,8 +208,8 @@ def run_command(
     fits_per_gpu: Annotated[
         int,
         typer.Option(
-            help="Jobs each worker fits at once, packed in one network; 0 = auto "
-            "(4 on a GPU, capped by free memory per image size; 1 on a CPU).",
+            help="Jobs each worker fits at once, packed in one network (capped on a GPU by "
+            "free memory per image size); 0 = auto: 1 (no packing until a GPU measures it pays).",
             min=0,
             max=64,
         ),

@@ -84,8 +84,11 @@ class RunConfig:
     manifest: str
     worker: WorkerConfig
     gpus: int | None = None  # None: every GPU Ray sees (CPU workers when there is none)
-    workers: int | None = None  # CPU workers when gpus == 0; None: one per cpus_per_worker
-    cpus_per_worker: float = 1.0
+    # CPU workers (gpus == 0) and the Ray CPUs each worker reserves. Both None and no
+    # worker.threads: the cluster's CPUs shared among the pending jobs (plan_pool); else None
+    # means as many workers as the CPUs hold, and 1 CPU each (GPU workers: 1 CPU).
+    workers: int | None = None
+    cpus_per_worker: float | None = None
     address: str | None = None  # None: embedded local Ray; "auto" or "ray://host:10001"
     retry_failed: bool = False
     max_attempts: int = 3
@@ -380,7 +383,7 @@ def _connect(config: RunConfig) -> tuple[bool, str | None]:
 def _local_cpus(config: RunConfig) -> int | None:
     """Enough logical CPUs for the requested CPU workers (Ray otherwise uses the core count)."""
     if config.workers and not config.gpus:
-        return max(1, int(config.workers * config.cpus_per_worker + 0.999))
+        return max(1, int(config.workers * (config.cpus_per_worker or 1.0) + 0.999))
     return None
 
 
@@ -415,6 +418,9 @@ def _placement_check(config: RunConfig) -> Callable[[dict[str, Any]], None] | No
 
 
 def plan_pool(config: RunConfig, pending: int) -> PoolSpec:
+    """The workers to ask Ray for. CPU workers sized by nobody (no --workers,
+    --cpus-per-worker or --threads) share the cluster's CPUs among the pending jobs
+    (spread_cpus): one job on a 4-CPU machine gets a worker of 4 CPUs, run on 4 threads."""
     resources = ray.cluster_resources()
     visible = int(resources.get("GPU", 0))
     gpus = visible if config.gpus is None else config.gpus
@@ -423,11 +429,35 @@ def plan_pool(config: RunConfig, pending: int) -> PoolSpec:
         if not config.address:
             raise RunError(message)
         log.warning("%s; the workers wait for the autoscaler", message)
+    cpus = config.cpus_per_worker or 1.0
     if gpus > 0:
-        return PoolSpec(min(gpus, pending), 1, config.cpus_per_worker)
-    room = int(resources.get("CPU", 1) // max(config.cpus_per_worker, 1e-3))
+        return PoolSpec(min(gpus, pending), 1, cpus)
+    if config.workers is None and config.cpus_per_worker is None and config.worker.threads is None:
+        nodes = _node_cpus()
+        if nodes:  # none: a cluster that waits for its autoscaler (below: one CPU each)
+            workers, each = spread_cpus(nodes, pending)
+            return PoolSpec(workers, 0, each)
+    room = int(resources.get("CPU", 1) // max(cpus, 1e-3))
     workers = config.workers or max(1, room)  # as many as the CPUs hold
-    return PoolSpec(min(workers, pending), 0, config.cpus_per_worker)
+    return PoolSpec(min(workers, pending), 0, cpus)
+
+
+def spread_cpus(node_cpus: list[int], pending: int) -> tuple[int, int]:
+    """(workers, whole CPUs each) for ``pending`` jobs on nodes of ``node_cpus`` CPUs:
+    one worker per job up to one per CPU, each with the most CPUs that still lets every
+    worker be placed (on one node: cpus // workers; never more than a node has)."""
+    workers = max(1, min(sum(node_cpus), pending))
+    each = 1
+    while sum(cpus // (each + 1) for cpus in node_cpus) >= workers:
+        each += 1
+    return workers, each
+
+
+def _node_cpus() -> list[int]:
+    """Whole CPUs of each live node of the Ray cluster that has any."""
+    counts = [int(node.get("Resources", {}).get("CPU", 0)) for node in ray.nodes()
+              if node.get("Alive")]  # fmt: skip
+    return [count for count in counts if count > 0]
 
 
 def _schedule(config, storage, info, resume, summary, console, run_json, lock) -> None:
@@ -453,7 +483,7 @@ def _schedule(config, storage, info, resume, summary, console, run_json, lock) -
 
     worker = config.worker
     if worker.threads is None:  # the CPUs each worker reserves, as torch threads
-        worker = replace(worker, threads=max(1, int(config.cpus_per_worker)))
+        worker = replace(worker, threads=max(1, int(pool.cpus_per_worker)))
     scheduler = Scheduler(
         pool,
         worker,
@@ -468,6 +498,9 @@ def _schedule(config, storage, info, resume, summary, console, run_json, lock) -
         worker_wait=config.worker_wait,
         worker_infra_errors=config.worker_infra_errors,
         on_placed=placement,
+        # CPU workers may lend the cores of idle ones to the busy (scheduler.py), unless
+        # --threads fixed the count.
+        share_idle_cpus=config.worker.threads is None and pool.gpus_per_worker == 0,
     )
     started = time.monotonic()
     previous = signal.getsignal(signal.SIGTERM)

@@ -39,6 +39,13 @@ Why this design and not a ready-made one:
 - Actors also answer ``progress()`` from a separate concurrency group while they fit, so the
   bar shows live steps per second, the stall check sees steps and heartbeats, and
   ``packing()`` (their pack occupancy, gathered once at the end for run.json).
+- CPU workers without ``--threads`` lend their cores at the tail of a run: once no job is
+  left to start, the busy workers of a node share the CPUs that the run's workers reserve
+  there (``_threads_for``), so the last job of a run is not left on one thread while the
+  others' cores idle. Never more threads on a node than the CPUs Ray reserved for the run
+  there; a job retried meanwhile takes its worker's share back (the busy ones lower their
+  count at their next progress report). A fit's last bits depend on its thread count, so
+  runs that must match bit for bit set ``--threads``.
 """
 
 from __future__ import annotations
@@ -95,6 +102,7 @@ class Lane:
     attempt: int = 0
     ref: Any = None
     live_step: int = 0
+    node: str | None = None  # its actor's node (describe())
     sent_to: Any = None  # the actor the job went to
     entry: Entry | None = None  # the job's look-ahead entry (its key), when it came from one
     sent: int = 0  # when the job was sent (a counter): the actor's last one sets its key
@@ -129,6 +137,8 @@ class Scheduler:
     # Called with each worker's describe() when it is placed (start or replacement); what it
     # raises stops the run (runner.py refuses a local OUT on another node).
     on_placed: Callable[[dict[str, Any]], None] | None = None
+    # CPU workers whose thread count may follow the load (no --threads): see _threads_for.
+    share_idle_cpus: bool = False
     lanes: list[Lane] = field(default_factory=list)  # of placed actors only
     retry: deque = field(default_factory=deque)  # (job, attempt) to send again
     placed: list[dict[str, Any]] = field(default_factory=list)  # describe() of every actor
@@ -141,6 +151,8 @@ class Scheduler:
     _reader: KeyReader | None = None
     _retry_entries: dict = field(default_factory=dict)  # job id -> its entry, while retried
     _sent: int = 0
+    _tail: bool = False  # no job left to start: only those running, none queued
+    _threads: dict = field(default_factory=dict)  # id(actor) -> the threads it was last given
     _lane_waits_for_read: bool = False
     _polls: dict = field(default_factory=dict)
     _last_poll: float = 0.0
@@ -178,11 +190,13 @@ class Scheduler:
             self.placed.append(info)
             count = info["lanes"]
             self.lanes += [
-                Lane(worker.slot if count == 1 else f"{worker.slot}/{k}", worker.actor, k)
+                Lane(worker.slot if count == 1 else f"{worker.slot}/{k}", worker.actor, k,
+                     node=info["node"])
                 for k in range(count)
-            ]
-            log.info("%s ready on node %s (pid %s, gpus %s, %s lane(s))", worker.slot,
-                     info["node"], info["pid"], info["gpus"], count)  # fmt: skip
+            ]  # fmt: skip
+            log.info("%s ready on node %s (pid %s, gpus %s, %s lane(s), %s thread(s))",
+                     worker.slot, info["node"], info["pid"], info["gpus"], count,
+                     info.get("threads"))  # fmt: skip
             if self.lookahead > 0 and count > 1 and self.buffer is None:
                 capacity = self.lookahead * count * self.pool.workers
                 self.buffer = Lookahead(capacity, self.lookahead_passes)
@@ -204,6 +218,7 @@ class Scheduler:
             self._check_placed()
             self._check_overdue()
             exhausted = self._fill(jobs, exhausted)
+            self._share_cpus(exhausted and not self.retry and not self.buffer)
             busy = {lane.ref: lane for lane in self.lanes if lane.job is not None}
             if not busy:
                 if exhausted and not self.retry and not self.buffer:
@@ -320,9 +335,45 @@ class Scheduler:
         lane.entry, lane.sent = entry, self._sent
         lane.started = lane.moved = time.monotonic()
         lane.seen = None
-        lane.ref = lane.actor.run.remote(job, attempt, self._payload(job), lane.index)
+        threads = self._threads_for(lane)
+        if threads is not None:
+            self._threads[id(lane.actor)] = threads
+        lane.ref = lane.actor.run.remote(job, attempt, self._payload(job), lane.index, threads)
         alone = " (alone)" if job.id in self._recovery.suspects else ""
         log.info("job %s (%s) -> %s, attempt %d%s", job.id, job.task, lane.name, attempt, alone)
+
+    def _threads_for(self, lane: Lane) -> int | None:
+        """Torch threads for the jobs of the lane's actor: None (unchanged) without
+        share_idle_cpus; else the CPUs each worker reserves, or in the tail of the run the
+        CPUs that the run's placed workers reserve on the lane's node shared equally among
+        the busy ones there (an idle worker's CPUs are lent, none beyond Ray's
+        reservation). A retried job ends the lending (the busy count goes up)."""
+        if not self.share_idle_cpus:
+            return None
+        own = self.worker_config.threads or 1
+        if not self._tail:
+            return own
+        here = [other for other in self.lanes if other.node == lane.node]
+        placed = len({id(other.actor) for other in here})
+        busy = len({id(other.actor) for other in here if other.job is not None})
+        return max(own, int(placed * self.pool.cpus_per_worker) // max(1, busy))
+
+    def _share_cpus(self, tail: bool) -> None:
+        """Give each busy actor its threads (_threads_for) when they change: the actor
+        applies them at its fits' next progress report (worker.py Threads)."""
+        if not self.share_idle_cpus:
+            return
+        self._tail = tail
+        given: dict[Any, int | None] = {}  # per node: each node's share is the same
+        for lane in self.lanes:
+            if lane.job is None:
+                continue
+            if lane.node not in given:
+                given[lane.node] = self._threads_for(lane)
+            threads = given[lane.node]
+            if threads is not None and self._threads.get(id(lane.actor)) != threads:
+                self._threads[id(lane.actor)] = threads
+                lane.actor.set_threads.remote(threads)  # no answer needed
 
     def _payload(self, job: Job) -> dict[str, bytes]:
         """Bytes of the job's memory:// inputs, which only the driver's process can read."""

@@ -88,8 +88,9 @@ class WorkerConfig:
     out: str
     storage: StorageOptions = field(default_factory=StorageOptions)
     device: str | None = None  # None: CUDA when this process sees a GPU, else CPU
-    # torch CPU threads; None: one per CPU the worker reserves (RunConfig.cpus_per_worker),
-    # or 1 for a Fitter made directly (1 keeps small shared machines steady)
+    # torch CPU threads; None: one per CPU the worker reserves (runner.plan_pool), raised
+    # while other workers of the node are idle (scheduler.py), or 1 for a Fitter made
+    # directly (1 keeps small shared machines steady); set, it never changes
     threads: int | None = None
     sync_every: int = 50  # steps between progress reports (each one syncs the GPU)
     fake_fit_seconds: float | None = None  # benchmark only: sleep instead of fitting
@@ -112,6 +113,20 @@ class JobInputs:
     notes: tuple[str, ...] = ()  # what decoding did to the user's files (images.py)
 
 
+class Threads:
+    """The torch CPU threads a worker's fits use, one count per worker process (its lanes
+    share it), which the driver may change while a job runs (actor.py ``set_threads``).
+    torch's count is per OS thread once that thread has run an op, so ``apply`` is called
+    in the thread that computes: at each job's start and at each progress report of a fit."""
+
+    def __init__(self, count: int) -> None:
+        self.count = max(1, count)
+
+    def apply(self) -> None:
+        if torch.get_num_threads() != self.count:
+            torch.set_num_threads(self.count)
+
+
 class Fitter:
     """A long-lived fitting worker: holds storage clients and the feature net between jobs."""
 
@@ -122,8 +137,10 @@ class Fitter:
         node: str | None = None,
         service: PackedFitService | None = None,
         ship_process_local: bool = False,
+        threads: Threads | None = None,
     ):
         self.config = config
+        self.threads = threads or Threads(config.threads or 1)
         self.service = service
         self._lanes = 1 if service is None else service.runner.max_slots  # fits sharing a device
         # In a worker process: memory:// inputs arrive with the job, outputs go back to the
@@ -137,12 +154,13 @@ class Fitter:
         self.progress: dict[str, Any] = {}
         self.beats = 0  # progress of any kind (steps, reads, writes): the stall check
         self.step_listeners: list[StepListener] = []
-        torch.set_num_threads(max(1, config.threads or 1))
+        self.threads.apply()
         _run_worker_hook(self)
 
     def run(self, job: Job, attempt: int = 1, payload: dict | None = None) -> JobOutcome:
         """Run one job; `payload` holds the bytes of its process-local (memory://) inputs."""
         started = time.perf_counter()
+        self.threads.apply()
         self._payload, self._shipped = payload or {}, {}
         self.beats += 1
         self.progress = {"id": job.id, "step": 0, "iterations": job.iterations, "energy": None,
@@ -352,6 +370,7 @@ class JobProgress:
             with self.lock:
                 self.done[index] = progress.step
                 step = sum(self.done.values())
+            self.fitter.threads.apply()  # in the fitting thread: the count it uses
             self.fitter.beats += 1
             self.fitter.progress = {
                 "id": self.job_id,

@@ -190,7 +190,9 @@ class _Method:
     def __init__(self, calls: list) -> None:
         self.calls = calls
 
-    def remote(self, job: Job, attempt: int, payload: dict, lane: int) -> str:
+    def remote(
+        self, job: Job, attempt: int, payload: dict, lane: int, threads: int | None = None
+    ) -> str:
         self.calls.append((job.id, attempt, lane))
         return f"ref-{job.id}-{attempt}"
 
