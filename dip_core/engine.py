@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from .networks import Layout, SkipSpec, build_network
 
@@ -56,21 +55,16 @@ def seeded_network(spec: SkipSpec, seed: int) -> nn.Module:
         return build_network(spec)
 
 
-def _conv_weight_order(shape: torch.Size, channels_last: bool) -> tuple[int, ...] | None:
-    """For a conv weight stored channels_last, the (out, kh, kw, in) order it is kept in."""
-    return (0, 2, 3, 1) if channels_last and len(shape) == 4 else None
-
-
 class PackedNetwork:
     """K slots of one SkipSpec, their weights in one flat buffer.
 
     The buffer is parameter-major: parameter i of every slot forms one contiguous (K, ...)
-    block, which is exactly the grouped layer's parameter (K*out, in, kh, kw) seen as
-    (K, out, in, kh, kw), so the module reads the buffer with no copy. Each block is exposed
-    as a leaf tensor sharing the buffer's memory, and its ``.grad`` is a view of one flat
-    gradient buffer, so backward accumulates in place and the optimiser works on two flat
-    tensors. With channels_last, conv weights are kept (out, kh, kw, in) in the buffer, the
-    layout NHWC convolutions read.
+    block, which is exactly the grouped layer's parameter (K*out, in, kh, kw). The grouped
+    module's parameters ARE these blocks (leaf tensors sharing the buffer's memory), and each
+    one's ``.grad`` is a view of one flat gradient buffer, so the module runs as it is (no
+    parameter swapping per call), backward accumulates in place, and the optimiser works on
+    two flat tensors. With channels_last, conv weights are kept (out, kh, kw, in) in the
+    buffer, the layout NHWC convolutions read.
     """
 
     def __init__(self, spec: SkipSpec, slots: int, device: torch.device, options: EngineOptions):
@@ -83,17 +77,18 @@ class PackedNetwork:
         total = slots * sum(self.sizes)
         self.flat = torch.zeros(total, device=device, dtype=self.dtype)
         self.flat_grad = torch.zeros_like(self.flat)
-        self.params: dict[str, torch.Tensor] = {}
+        layout = Layout(slots=slots, skip_cancelled_bias=True)
+        self.module = build_network(spec, layout).to(device, self.dtype)
+        self.params: dict[str, nn.Parameter] = {}
         offset = 0
         for name, shape, size in zip(self.names, self.shapes, self.sizes, strict=True):
             block = slice(offset, offset + slots * size)
-            leaf = self._block_view(self.flat[block], shape).detach().requires_grad_()
+            leaf = nn.Parameter(self._block_view(self.flat[block], shape))  # shares memory
             leaf.grad = self._block_view(self.flat_grad[block], shape)
+            owner, _, attr = name.rpartition(".")
+            self.module.get_submodule(owner).register_parameter(attr, leaf)
             self.params[name] = leaf
             offset += slots * size
-        layout = Layout(slots=slots, skip_cancelled_bias=True)
-        self.module = build_network(spec, layout).to(device, self.dtype)
-        self.module.requires_grad_(False)
         if device.type == "cuda":  # one image size per pack: let cuDNN pick its kernels once
             torch.backends.cudnn.benchmark = True
         # Static shapes: a pack holds one padded size, so each size compiles once (dynamic
@@ -103,17 +98,16 @@ class PackedNetwork:
         ) else self._call  # fmt: skip
 
     def _block_view(self, block: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-        """A (K, *shape) view of one parameter's block of the flat buffer."""
-        order = _conv_weight_order(shape, self.options.channels_last)
-        if order is None:
-            return block.view(self.slots, *shape)
-        stored = [shape[i] for i in order]
-        inverse = [0] + [1 + order.index(i) for i in range(4)]
-        return block.view(self.slots, *stored).permute(*inverse)
+        """One parameter's block of the flat buffer as the grouped layer's (K*out, ...)."""
+        rows = self.slots * shape[0]
+        if self.options.channels_last and len(shape) == 4:  # a conv weight, kept NHWC
+            _, cin, kh, kw = shape
+            return block.view(rows, kh, kw, cin).permute(0, 3, 1, 2)
+        return block.view(rows, *shape[1:])
 
     def slot_views(self, slot: int) -> list[torch.Tensor]:
         """Slot ``slot``'s parameters, as views into the flat buffer."""
-        return [leaf.detach()[slot] for leaf in self.params.values()]
+        return [leaf.detach().unflatten(0, (self.slots, -1))[slot] for leaf in self.params.values()]
 
     def slot_weights(self, slot: int) -> torch.Tensor:
         return torch.cat([view.reshape(-1) for view in self.slot_views(slot)])
@@ -134,14 +128,10 @@ class PackedNetwork:
     def zero_grad(self) -> None:
         self.flat_grad.zero_()
 
-    def _call(self, params: dict[str, torch.Tensor], z: torch.Tensor) -> torch.Tensor:
-        # (K, out, ...) -> (K*out, ...): a view, channels_last strides included.
-        grouped = {name: leaf.flatten(0, 1) for name, leaf in params.items()}
+    def _call(self, z: torch.Tensor) -> torch.Tensor:
         if self.options.checkpointing:
-            return torch.utils.checkpoint.checkpoint(
-                functional_call, self.module, grouped, (z,), use_reentrant=False
-            )
-        return functional_call(self.module, grouped, (z,))
+            return torch.utils.checkpoint.checkpoint(self.module, z, use_reentrant=False)
+        return self.module(z)
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
         """(K, 1, C, H, W) inputs -> (K, 1, C_out, H, W) outputs."""
@@ -152,7 +142,7 @@ class PackedNetwork:
         # No cast cache: each weight is used once per step, and a CUDA graph cannot keep one.
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.options.bf16,
                             cache_enabled=False):  # fmt: skip
-            out = self._forward(self.params, z)
+            out = self._forward(z)
         out = out.float() if out.dtype == torch.bfloat16 else out
         return out.reshape(k, 1, -1, h, w)
 

@@ -56,7 +56,8 @@ def test_packed_outputs_and_gradients_equal_separate_networks_in_float64(variant
                                                    strict=True), strict=True):  # fmt: skip
             # A bias before a BatchNorm is cancelled: its exact gradient is 0, which the
             # packed network (skipping it) gives and the lone one gives up to rounding.
-            torch.testing.assert_close(leaf.grad[slot], p.grad, rtol=1e-10, atol=1e-12,
+            grad = leaf.grad.unflatten(0, (3, -1))[slot]
+            torch.testing.assert_close(grad, p.grad, rtol=1e-10, atol=1e-12,
                                        msg=lambda m, name=name: f"{name}: {m}")  # fmt: skip
 
 
@@ -76,10 +77,9 @@ def test_channels_last_is_real_in_every_convolution():
     for handle in handles:
         handle.remove()
     assert len(seen) == len(convs) and all(seen), seen
-    weights = [leaf for name, leaf in net.params.items() if leaf.dim() == 5]
-    assert weights and all(
-        w.flatten(0, 1).is_contiguous(memory_format=torch.channels_last) for w in weights
-    )
+    weights = [leaf for leaf in net.params.values() if leaf.dim() == 4]
+    assert weights and all(w.is_contiguous(memory_format=torch.channels_last) for w in weights)
+    assert all(w.grad.is_contiguous(memory_format=torch.channels_last) for w in weights)
 
 
 def test_flat_adam_matches_torch_adam_per_slot():
