@@ -1,17 +1,23 @@
-"""The engine's CUDA-only promises, checked first in the GPU run (the test suite's CUDA tests
-need pytest, which a bare GPU machine may lack): no step syncs the stream, the whole-step
-graph replays the eager step, and every switch fits. Each check returns a row's fields and
-raises when the promise is broken, so the row shows up as an error."""
+"""The engine's CUDA-only promises: no step syncs the stream, the whole-step graph replays the
+eager step, and every switch fits. Each check returns a row's fields and raises when the
+promise is broken. The GPU script runs them first (a bare GPU machine may lack pytest) and
+tests/core/test_core_gpu.py runs the same functions where CUDA exists."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 
 from dip_core import EngineOptions, FitConfig, build_problem
 from dip_core.fit import FitItem, PackedRunner, fit_many
+from dip_core.stopping import StopRule
 
 SIZE = 64
 PARAMS = {"channels": 32, "depth": 4, "input_depth": 8}
+# A stopping rule short enough to decide within these fits: its statistic runs every step,
+# and its decision changes what a captured step does (a new capture).
+RULE = StopRule(window=5, patience=10)
 
 
 def _problem(seed: int, size: int = SIZE):
@@ -20,9 +26,10 @@ def _problem(seed: int, size: int = SIZE):
 
 
 def no_step_syncs(device: torch.device) -> dict:
-    """28 steps of 2 packed fits under CUDA's sync detector ("error": a sync raises)."""
+    """28 steps of 2 packed fits, with every per-step feature on, under CUDA's sync
+    detector ("error": a sync raises)."""
     steps = 30
-    config = FitConfig(steps, 0.01, 0.03, 0.99, sync_every=steps)
+    config = FitConfig(steps, 0.01, 0.03, 0.99, sync_every=steps, stop=RULE, stop_enforced=False)
     runner = PackedRunner(2, device)
     for seed in (0, 1):
         runner.offer(FitItem(seed, _problem(seed), config))
@@ -35,38 +42,31 @@ def no_step_syncs(device: torch.device) -> dict:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     finished = runner.step()
-    return {"steps checked": steps - 2, "fits finished": len(finished), "syncs": 0}
-
-
-def _drive(runner: PackedRunner, items: list[FitItem]) -> dict:
-    results: dict = {}
-    queue = list(items)
-    while queue or runner.busy:
-        while queue:
-            taken, done = runner.offer(queue[0])
-            results.update(done)
-            if not taken:
-                break
-            queue.pop(0)
-        results.update(runner.step())
-    return results
+    if len(finished) != 2:
+        raise AssertionError(f"{len(finished)} of 2 fits finished")
+    return {"steps checked": steps - 2, "syncs": 0}
 
 
 def graph_matches_eager(device: torch.device) -> dict:
-    """Three fits through 2 slots (one refilled: a second capture), without input jitter so
-    both runs see the same numbers: the largest relative energy difference over the traces."""
+    """Three fits through 2 slots (a refill and the stopping rule's decisions: new
+    captures), the same switches both ways, no input jitter so both runs draw the same
+    numbers: the largest relative energy difference over the traces."""
     lengths = (60, 30, 45)
+    eager = EngineOptions.fastest_for(device)
 
     def items() -> list[FitItem]:
-        return [FitItem(i, _problem(i), FitConfig(n, 0.01, 0.0, 0.99, seed=i, sync_every=10))
-                for i, n in enumerate(lengths)]  # fmt: skip
+        return [
+            FitItem(i, _problem(i), FitConfig(n, 0.01, 0.0, 0.99, seed=i, sync_every=10,
+                                              stop=RULE, stop_enforced=False))
+            for i, n in enumerate(lengths)
+        ]  # fmt: skip
 
-    eager = dict(fit_many(items(), slots=2, device=device))
-    runner = PackedRunner(2, device, EngineOptions(cuda_graph=True))
-    graphed = _drive(runner, items())
+    expected = dict(fit_many(items(), slots=2, device=device, options=eager))
+    runner = PackedRunner(2, device, replace(eager, cuda_graph=True))
+    graphed = dict(fit_many(items(), runner=runner))
     captures = runner.pack.graph.captures if runner.pack and runner.pack.graph else 0
     worst = max(
-        float(((graphed[i].energies - eager[i].energies).abs() / eager[i].energies.abs()).max())
+        float(((graphed[i].energies - expected[i].energies).abs() / expected[i].energies).max())
         for i in range(len(lengths))
     )
     if captures < 2 or worst > 1e-3:
@@ -79,6 +79,7 @@ SWITCHES = {
     "bf16": EngineOptions(bf16=True, channels_last=True),
     "cuda_graph": EngineOptions(cuda_graph=True, channels_last=True),
     "bf16 + cuda_graph": EngineOptions(bf16=True, channels_last=True, cuda_graph=True),
+    "checkpointing + cuda_graph": EngineOptions(checkpointing=True, cuda_graph=True),
     "packed K=2 cuda_graph": EngineOptions(cuda_graph=True, channels_last=True),
 }
 

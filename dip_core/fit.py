@@ -68,9 +68,11 @@ def fit_many(
     slots: int = 1,
     device: str | torch.device | None = None,
     options: EngineOptions | None = None,
+    runner: PackedRunner | None = None,
 ) -> Iterator[tuple[Any, FitResult]]:
-    """Yield (tag, result) for every item, as fits finish (not in input order)."""
-    runner = PackedRunner(slots, device, options)
+    """Yield (tag, result) for every item, as fits finish (not in input order). ``runner``:
+    one to run them in (then ``slots``, ``device`` and ``options`` are its own)."""
+    runner = runner or PackedRunner(slots, device, options)
     queue = iter(items)
     waiting = next(queue, None)
     while waiting is not None or runner.busy:
@@ -148,7 +150,8 @@ class _Pack:
         index = self.slots.index(None)
         slot = FitSlot(item.tag, item.problem, item.config, index, self.device,
                        (item.callbacks, item.step_hook))  # fmt: skip
-        self.idle_input = torch.zeros_like(slot.z)
+        if self.idle_input is None:  # once per pack: a captured step reads it
+            self.idle_input = torch.zeros_like(slot.z)
         slot.start(self.net, self.adam)
         if item.config.iterations <= 0:
             yield item.tag, slot.result("iterations", self._final_output(slot), self.device)
@@ -163,6 +166,8 @@ class _Pack:
             generators = [s.generator for s in active if s.config.reg_noise_std > 0]
             self.graph.run(self._advance, signature, generators)
         else:
+            if self.graph is not None:  # a step hook joined: the captured step is stale
+                self.graph.reset()
             self._advance()
         for slot in active:
             slot.step += 1

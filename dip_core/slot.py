@@ -163,11 +163,6 @@ class FitSlot:
             self.stop_stats.index_copy_(0, at, stat.view(1))
         self.step_index.add_(1)
 
-    def record(self, padded_output: torch.Tensor, energy: torch.Tensor) -> None:
-        """Record one step: its device side (``write``), then the host's step count."""
-        self.write(padded_output, energy)
-        self.step += 1
-
     @property
     def averaged(self) -> bool:
         """Whether the result is the running average (it exists once a step has run)."""

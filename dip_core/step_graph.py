@@ -26,6 +26,7 @@ class StepGraph:
         self.device = device
         self.stream = torch.cuda.Stream(device)
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.pool = torch.cuda.graph_pool_handle()  # one memory pool for every capture
         self.signature: Hashable = None
         self.warm = 0
         self.captures = 0  # how many times a step was captured (for tests and benchmarks)
@@ -58,7 +59,9 @@ class StepGraph:
             graph.register_generator_state(generator)
         # thread_local: a worker's other threads (progress, memory checks) may use CUDA
         # while this one captures.
-        with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+        with torch.cuda.graph(
+            graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"
+        ):
             step()  # recorded, not run: the replay that follows runs it
         self.captures += 1
         return graph

@@ -419,8 +419,8 @@ def _placement_check(config: RunConfig) -> Callable[[dict[str, Any]], None] | No
 
 def plan_pool(config: RunConfig, pending: int) -> PoolSpec:
     """The workers to ask Ray for. CPU workers sized by nobody (no --workers,
-    --cpus-per-worker or --threads) share the cluster's CPUs among the pending jobs
-    (spread_cpus): one job on a 4-CPU machine gets a worker of 4 CPUs, run on 4 threads."""
+    --cpus-per-worker or --threads) on the embedded Ray share its CPUs among the pending
+    jobs (spread_cpus): one job on a 4-CPU machine gets a worker of 4 CPUs, on 4 threads."""
     resources = ray.cluster_resources()
     visible = int(resources.get("GPU", 0))
     gpus = visible if config.gpus is None else config.gpus
@@ -432,7 +432,10 @@ def plan_pool(config: RunConfig, pending: int) -> PoolSpec:
     cpus = config.cpus_per_worker or 1.0
     if gpus > 0:
         return PoolSpec(min(gpus, pending), 1, cpus)
-    if config.workers is None and config.cpus_per_worker is None and config.worker.threads is None:
+    # Only on the embedded Ray, whose CPUs are this run's alone: on a shared cluster other
+    # jobs may hold CPUs, and a worker of many CPUs could find no node with room for it.
+    sized = config.workers, config.cpus_per_worker, config.worker.threads
+    if config.address is None and sized == (None, None, None):
         nodes = _node_cpus()
         if nodes:  # none: a cluster that waits for its autoscaler (below: one CPU each)
             workers, each = spread_cpus(nodes, pending)

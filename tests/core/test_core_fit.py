@@ -93,7 +93,8 @@ def test_checkpoint_restores_a_slots_weights_and_adam_state():
         net.zero_grad()
         energy.backward()
         adam.step()
-        slot.record(out[1].detach(), energy.detach())
+        slot.write(out[1].detach(), energy.detach())
+        slot.step += 1
 
     one_step()
     saved = _Checkpoint(slot, net, adam)

@@ -10,6 +10,7 @@ import torch
 from dip_core import FitConfig, build_problem, fit
 from dip_core.engine import EngineOptions, FlatAdam, PackedNetwork, seeded_network
 from dip_core.fit import FitItem, fit_many
+from dip_core.networks import Conv, Layout, build_network
 
 torch.set_num_threads(1)
 SMALL = {"channels": 8, "depth": 3, "input_depth": 4}
@@ -59,6 +60,27 @@ def test_packed_outputs_and_gradients_equal_separate_networks_in_float64(variant
             grad = leaf.grad.unflatten(0, (3, -1))[slot]
             torch.testing.assert_close(grad, p.grad, rtol=1e-10, atol=1e-12,
                                        msg=lambda m, name=name: f"{name}: {m}")  # fmt: skip
+
+
+def test_a_grouped_network_without_cancelled_biases_computes_the_same():
+    """The layout CUDA packs use: three seeds' networks as one grouped network whose convs
+    that feed a BatchNorm skip their bias. Same outputs as the reference networks; those
+    biases get no gradient; the head's bias still does."""
+    spec = build_problem("denoise", images(1)[0], params=SMALL).spec
+    lone = [seeded_network(spec, seed).double() for seed in (3, 4, 5)]
+    grouped = build_network(spec, Layout(slots=3, skip_cancelled_bias=True)).double()
+    with torch.no_grad():
+        for name, param in grouped.named_parameters():
+            param.copy_(torch.cat([dict(n.named_parameters())[name] for n in lone]))
+    z = torch.rand(3, 4, 16, 16, dtype=torch.float64)
+    out = grouped(z.reshape(1, 12, 16, 16)).reshape(3, 1, 3, 16, 16)
+    for k, net in enumerate(lone):
+        torch.testing.assert_close(out[k], net(z[k : k + 1]), rtol=1e-12, atol=1e-12)
+    out.sum().backward()
+    convs = [m for m in grouped.modules() if isinstance(m, Conv)]
+    assert [c.apply_bias for c in convs].count(True) == 1  # the head only
+    assert all(c.bias.grad is None for c in convs if not c.apply_bias)
+    assert all(c.bias.grad.abs().sum() > 0 for c in convs if c.apply_bias)
 
 
 def test_channels_last_is_real_in_every_convolution():
