@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check in one run, sized for a lent H100 / H200 (6 minutes with start-up):
-# benchmarks/gpu_checks.py records the environment, the level-0 merge conv microbenchmark,
+# benchmarks/gpu_checks.py records the environment, the engine's CUDA checks (no sync, graph
+# == eager, each switch fits), the level-0 merge conv microbenchmark,
 # the speed ladder at 512 px, packing at 256 px, a full-length fp32 vs bf16 fit at 512 px,
 # then 256 px rows if time is left. Every row lands in $OUT the moment it is measured
 # (rows.jsonl, table.md; log.txt is the console). Needs only the checkout (test images come
