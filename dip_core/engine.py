@@ -182,7 +182,8 @@ class FlatAdam:
         self.active = torch.zeros(k, device=device, dtype=self.flat.dtype)
         self.repeats = torch.tensor(net.sizes, device=device).repeat_interleave(k)
         self.blocks = len(net.sizes)
-        # With compile, the update is a few fused kernels instead of ~15 passes.
+        # With compile, Inductor fuses the update's elementwise ops (eagerly, one pass over
+        # the flat buffers each).
         self._run_update = torch.compile(self._update, dynamic=False) if (
             net.options.compile
         ) else self._update  # fmt: skip

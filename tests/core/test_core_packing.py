@@ -173,3 +173,9 @@ def test_memory_and_layout_switches_keep_the_result(options):
     base = fit(build_problem("denoise", image, params=SMALL), config, options=EngineOptions())
     other = fit(build_problem("denoise", image, params=SMALL), config, options=options)
     torch.testing.assert_close(other.image, base.image, rtol=1e-4, atol=1e-5)
+
+
+def test_a_compile_mode_with_its_own_cuda_graphs_is_refused_under_the_step_graph():
+    with pytest.raises(ValueError, match="reduce-overhead"):
+        EngineOptions(cuda_graph=True, compile=True, compile_mode="reduce-overhead")
+    EngineOptions(cuda_graph=True, compile=True, compile_mode="max-autotune-no-cudagraphs")
