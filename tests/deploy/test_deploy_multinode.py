@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -50,7 +51,9 @@ pytestmark = [
 HEAD_IP, NODE_B_IP = "127.0.0.2", "127.0.0.3"
 BIN = Path(sys.executable).parent  # the venv's `ray` and `dippipe`
 JOBS = 24
-KILL_AFTER_IMAGES = 8  # stop node B once this many PNGs exist: both nodes are busy by then
+# Stop node B once this many PNGs exist and it has finished a job of its own: with one job
+# per worker (the default) its workers are then fitting their next ones.
+KILL_AFTER_IMAGES = 8
 # Steps per job: enough that the 16 jobs left when node B dies keep the head's two workers
 # busy well past the 2 s grace below (at 60 steps a fast machine finished them within it).
 STEPS = 300
@@ -254,11 +257,20 @@ def _write_manifest(folder: Path) -> Path:
     return manifest
 
 
-def _wait_for_images(out: Path, count: int, run: subprocess.Popen, seconds: float) -> None:
+def _wait_for_both_nodes(
+    out: Path, count: int, log: Path, run: subprocess.Popen, seconds: float
+) -> None:
+    """Until ``count`` images exist and node B has finished a job (the driver's log says so):
+    the head alone may finish the first images when node B's workers start later."""
+    node_b_done = re.compile(rf"job \S+ ok on \S+ on node {re.escape(NODE_B_IP)}\b")
     deadline = time.monotonic() + seconds
-    while len(list(out.glob("images/*/*.png"))) < count:
+    while len(list(out.glob("images/*/*.png"))) < count or not node_b_done.search(
+        log.read_text(errors="replace")
+    ):
         assert run.poll() is None, "dippipe ended before node B could be stopped mid-run"
-        assert time.monotonic() < deadline, f"fewer than {count} images after {seconds}s"
+        assert time.monotonic() < deadline, (
+            f"not {count} images and a job done on node B after {seconds}s"
+        )
         time.sleep(0.1)
 
 
@@ -281,7 +293,7 @@ def test_run_spans_both_nodes_and_survives_losing_one(cluster: Cluster, tmp_path
             command, env=cluster.env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT
         )
     try:
-        _wait_for_images(out, KILL_AFTER_IMAGES, run, seconds=START_TIMEOUT_S)
+        _wait_for_both_nodes(out, KILL_AFTER_IMAGES, log_path, run, seconds=START_TIMEOUT_S)
         # Every process of node B at once, not `ray stop`: the node vanishes as a lost
         # machine or a preempted pod does, with its two workers in the middle of a fit.
         cluster.node_b.kill_now()
